@@ -1,0 +1,52 @@
+"""etl — resumable, transactional bulk ETL for PostgreSQL and friends.
+
+    import etl
+    result = etl.copy(source="postgresql://…/src", target="postgresql://…/dst", table="events")
+    print(result.status, result.to_dict()["summary"])
+
+Importing this package is cheap: database drivers, polars, pyarrow and rich
+load only when a function needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (EtlError, JobLockedError, NoKeyError, SourceError, StateStoreError,
+                     TargetError, UsageError)
+from .model import Category, Mode, Status
+
+if TYPE_CHECKING:
+    from .api import copy
+    from .report import Result
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Category",
+    "EtlError",
+    "JobLockedError",
+    "Mode",
+    "NoKeyError",
+    "Result",
+    "SourceError",
+    "StateStoreError",
+    "Status",
+    "TargetError",
+    "UsageError",
+    "__version__",
+    "copy",
+]
+
+_LAZY = {"copy": ("etl.api", "copy"), "Result": ("etl.report", "Result")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'etl' has no attribute {name!r}")

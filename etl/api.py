@@ -1,0 +1,171 @@
+"""The command functions: check options, build the job, run it, return a Result.
+
+The CLI calls exactly these functions; scripts can too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import options as opt
+from .errors import UsageError
+from .model import Mode, TableName
+from .report import Result
+from .runner import DEFAULT_CHUNK_SECONDS, Pacing, StopFlag
+from .state.schema import DEFAULT_SCHEMA
+from .urls import DbUrl, parse
+
+if TYPE_CHECKING:
+    from .progress import Progress
+
+
+def resolve_url(url: str | DbUrl | None) -> DbUrl:
+    """A URL as given, or the embedded PostgreSQL's (started on demand) when none is."""
+    if url:
+        return parse(url)
+    from . import embedded
+
+    return parse(embedded.ensure_url())
+
+
+def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl | None = None,
+         to_table: str | None = None, key: str | list[str] | None = None,
+         columns: str | list[str] | None = None, where: str | None = None,
+         mode: str | Mode = Mode.APPEND, create: bool = True, job: str | None = None,
+         state: str | DbUrl | None = None, state_schema: str = DEFAULT_SCHEMA,
+         chunk_size: int | str | None = "auto", chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+         max_rate: float | None = None, sleep: float | None = None,
+         max_runtime: str | float | None = None, dry_run: bool = False, restart: bool = False,
+         report: str | Path | None = None, progress: bool | Progress | None = False,
+         stop: StopFlag | None = None) -> Result:
+    """Copy ``table`` from ``source`` to ``target`` in keyset chunks; resumable.
+
+    Each chunk is one target transaction that also writes the job's checkpoint
+    (when the state store is in the target database, the default), so a
+    crash at any instant leaves both or neither. Running the same job again
+    resumes after the last committed chunk; ``restart=True`` starts over.
+
+    Raises :class:`etl.UsageError` (bad options) or another :class:`etl.EtlError`
+    when the job cannot start (unreachable database, missing table, job locked).
+    Once running, failures end in the returned Result (``status`` ``failed``).
+    """
+    from . import table_copy
+    from .jobrun import JobRun
+
+    parsed_mode = opt.parse_mode(mode)
+    if parsed_mode in (Mode.UPSERT, Mode.IGNORE):
+        raise UsageError(f"--mode {parsed_mode.value} is not available yet for PostgreSQL COPY "
+                         "targets; use append or replace")
+    pacing = Pacing(
+        chunk_size=opt.parse_chunk_size(chunk_size),
+        chunk_seconds=opt.positive(chunk_seconds, "--chunk-seconds") or DEFAULT_CHUNK_SECONDS,
+        max_rate=opt.positive(max_rate, "--max-rate"),
+        sleep=opt.non_negative(sleep, "--sleep"),
+        max_runtime=opt.parse_duration(max_runtime, "--max-runtime"),
+    )
+    src = resolve_url(source)
+    tgt = resolve_url(target)
+    for url, role in ((src, "--source"), (tgt, "--target")):
+        if not url.is_postgres:
+            raise UsageError(f"{role} {url.masked}: only PostgreSQL URLs (postgresql://…) "
+                             "are supported by etl copy so far")
+    state_url = parse(state) if state else tgt
+    if not state_url.is_postgres:
+        raise UsageError(f"--state {state_url.masked}: the state store must be PostgreSQL")
+    src_table = TableName.parse(table)
+    dst_table = TableName.parse(to_table) if to_table else src_table
+    if src.same_database(tgt) and src_table == dst_table:
+        raise UsageError(f"source and target are the same table ({src_table} in {src.masked}); "
+                         "pass another --target database or --to-table")
+    spec = table_copy.CopySpec(
+        source=src, target=tgt, state=state_url, table=src_table, target_table=dst_table,
+        job_id=job or f"copy:{dst_table}", key=opt.parse_names(key, "--key"),
+        columns=opt.parse_names(columns, "--columns"), where=where or None, mode=parsed_mode,
+        create=create, restart=restart, pacing=pacing, state_schema=state_schema,
+    )
+    prog = _progress(progress)
+    if dry_run:
+        return _dry_run(spec)
+    with JobRun(state_url, spec.job_id, "copy", spec.args(), schema=state_schema) as run:
+        result = table_copy.execute(spec, run, progress=prog, stop=stop,
+                                    chunk_size_hint=pacing.chunk_size or 0)
+    if report:
+        result.write(report)
+    return result
+
+
+def _progress(progress: bool | Progress | None) -> Progress:
+    from .progress import make_progress
+
+    if progress is None or isinstance(progress, bool):
+        return make_progress(progress)
+    return progress
+
+
+def _dry_run(spec) -> Result:
+    """Plan, counts and SQL; reads both databases and the state store, writes nothing."""
+    from . import pg, table_copy
+    from .report import utc_now
+    from .runner import AUTO_FIRST_CHUNK
+    from .state.store import read_checkpoint
+
+    sconn = pg.connect(spec.source, "source", autocommit=True)
+    tconn = pg.connect(spec.target, "target", autocommit=True)
+    try:
+        plan = table_copy.make_plan(spec, sconn, tconn)
+        cp = None
+        if not spec.restart:
+            with pg.connect(spec.state, "state", autocommit=True) as stconn:
+                found = read_checkpoint(stconn, spec.job_id, spec.state_schema)
+                cp = found[0] if found else None
+        remaining, exact = table_copy.count_remaining(sconn, plan, cp.last_key if cp else None)
+    finally:
+        sconn.close()
+        tconn.close()
+    size = spec.pacing.chunk_size or AUTO_FIRST_CHUNK
+    text = table_copy.describe_plan(plan, cp, remaining, exact, size)
+    now = utc_now()
+    from .model import Status
+
+    result = Result(job_id=spec.job_id, run_id="dry-run", job_type="copy", started_at=now,
+                    completed_at=now, status=Status.COMPLETED, total_items=remaining)
+    result.metadata.update({"dry_run": True, "plan": text, "estimated_rows": remaining,
+                            "estimate_exact": exact, "chunk_size": size,
+                            "source": spec.source.masked, "target": spec.target.masked})
+    return result
+
+
+def _store_query(state: str | DbUrl | None, schema: str, fn):
+    from . import pg
+    from .state.store import StateStore
+
+    url = resolve_url(state)
+    with pg.connect(url, "state", autocommit=True) as conn:
+        store = StateStore(conn, schema)
+        if not store.exists():
+            return None
+        return fn(store)
+
+
+def status(job: str | None = None, *, state: str | DbUrl | None = None,
+           state_schema: str = DEFAULT_SCHEMA) -> list[dict]:
+    """Every job (or one) with its last run and its checkpoint."""
+    return _store_query(state, state_schema, lambda s: s.jobs(job)) or []
+
+
+def runs(job: str | None = None, *, state: str | DbUrl | None = None,
+         state_schema: str = DEFAULT_SCHEMA, limit: int = 20) -> list[dict]:
+    """The most recent runs, newest first."""
+    return _store_query(state, state_schema, lambda s: s.runs(job, limit)) or []
+
+
+def report(run_id: str, *, state: str | DbUrl | None = None,
+           state_schema: str = DEFAULT_SCHEMA) -> dict:
+    """The stored report of one run (the same document as --json printed)."""
+    from .errors import UsageError as _UsageError
+
+    doc = _store_query(state, state_schema, lambda s: s.report(run_id))
+    if doc is None:
+        raise _UsageError(f"no run {run_id!r} in the state store; `etl runs` lists the runs")
+    return doc

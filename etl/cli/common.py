@@ -1,0 +1,81 @@
+"""Options shared by every job command, and rendering of results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..report import Result
+
+F = Callable[..., Any]
+
+
+def error(message: str) -> None:
+    click.echo(f"etl: error: {message}", err=True)
+
+
+def job_options(func: F) -> F:
+    """--job, --state, chunking, pacing, reporting and control options (SPEC.md "Commands")."""
+    decorators = [
+        click.option("--job", metavar="NAME",
+                     help="Job name (default derived from the command and target, e.g. "
+                          "copy:public.events). The same name resumes the same job."),
+        click.option("--state", metavar="URL", envvar="ETL_STATE_URL", show_envvar=True,
+                     help="PostgreSQL URL of the state store (default: the target database)."),
+        click.option("--state-schema", default="etl", show_default=True, metavar="SCHEMA",
+                     help="Schema of the state store."),
+        click.option("--chunk-size", default="auto", show_default=True, metavar="N|auto",
+                     help="Rows per chunk; auto adapts toward --chunk-seconds."),
+        click.option("--chunk-seconds", type=float, default=2.0, show_default=True,
+                     metavar="S", help="Target duration of one chunk when --chunk-size is auto."),
+        click.option("--max-rate", type=float, metavar="ROWS/S",
+                     help="Never go faster than this many rows per second."),
+        click.option("--sleep", type=float, default=0.0, metavar="SECONDS",
+                     help="Pause between chunks (to spare a busy server)."),
+        click.option("--max-runtime", metavar="DURATION",
+                     help="Stop cleanly at a chunk boundary after this long (90s, 5m, 1h); exit 4, "
+                          "the next run resumes."),
+        click.option("--dry-run", is_flag=True,
+                     help="Print the plan, estimated rows and chunks and the SQL; write nothing."),
+        click.option("--restart", is_flag=True,
+                     help="Discard the job's checkpoint and start from the beginning."),
+        click.option("--report", "report_path", metavar="PATH",
+                     help="Also write the result JSON to this file."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print the result JSON on stdout (progress and logs go to stderr)."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress on stderr (default: a live bar on a TTY, milestone lines otherwise)."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def render(result: Result, as_json: bool) -> None:
+    """Print the result (JSON or a short summary) and exit with its code."""
+    doc = result.to_dict()
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+    elif doc["metadata"].get("dry_run"):
+        click.echo(doc["metadata"]["plan"])
+    else:
+        s = doc["summary"]
+        click.echo(f"job {doc['job_id']}  run {doc['run_id']}  status {doc['status']}")
+        click.echo(f"  rows: {s['succeeded']:,} succeeded, {s['failed']:,} failed, "
+                   f"{s['skipped']:,} skipped of {s['total_items']:,}"
+                   f"  ({doc['metadata']['rows_this_run']:,} this run, "
+                   f"{s['duration_seconds']}s, {s['items_per_second']:,.0f} rows/s)")
+        cp = doc["last_checkpoint"]
+        if cp:
+            click.echo(f"  checkpoint: chunk {cp.get('chunk_index')}, last key {cp.get('last_key')}")
+        if doc["artifacts"].get("report"):
+            click.echo(f"  report: {doc['artifacts']['report']}")
+        click.echo(f"  full report: etl report {doc['run_id']}")
+    if result.message and result.status.exit_code != 0:
+        error(result.message)
+    sys.stdout.flush()
+    sys.exit(result.exit_code)

@@ -1,0 +1,76 @@
+"""`etl status`, `etl runs`, `etl report`: see jobs from any terminal."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .. import api
+
+
+def _state_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option("--state-schema", default="etl", show_default=True, metavar="SCHEMA",
+                        help="Schema of the state store.")(func)
+    func = click.option("--state", metavar="URL", envvar=["ETL_STATE_URL", "ETL_TARGET_URL"],
+                        show_envvar=True,
+                        help="PostgreSQL URL of the state store (default: $ETL_TARGET_URL, "
+                             "else the embedded PostgreSQL).")(func)
+    return func
+
+
+@click.command()
+@click.argument("job", required=False)
+@_state_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(job: str | None, state: str | None, state_schema: str, as_json: bool) -> None:
+    """Show jobs: the last run's status, host and pid, and the last checkpoint."""
+    jobs = api.status(job, state=state, state_schema=state_schema)
+    if as_json:
+        click.echo(json.dumps(jobs, indent=2, default=str))
+        return
+    if not jobs:
+        click.echo(f"no job {job!r}" if job else "no jobs yet")
+        return
+    click.echo(f"{'JOB':<32} {'STATUS':<22} {'ROWS':>12} {'CHUNK':>6}  LAST KEY / WHERE")
+    for j in jobs:
+        cp = j["checkpoint"] or {}
+        run = j["last_run"] or {}
+        where = f"host {run.get('host')} pid {run.get('pid')}" if j["status"] == "running" else ""
+        rows = cp.get("processed_count")
+        click.echo(f"{j['job_id']:<32} {j['status']:<22} "
+                   f"{(f'{rows:,}' if rows is not None else '-'):>12} "
+                   f"{cp.get('chunk_index', '-'):>6}  {cp.get('last_key')} {where}".rstrip())
+
+
+@click.command()
+@click.argument("job", required=False)
+@_state_options
+@click.option("--limit", type=int, default=20, show_default=True, help="How many runs to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def runs(job: str | None, state: str | None, state_schema: str, limit: int, as_json: bool) -> None:
+    """List recent runs (newest first), of all jobs or of JOB."""
+    rows = api.runs(job, state=state, state_schema=state_schema, limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        click.echo("no runs yet")
+        return
+    click.echo(f"{'RUN ID':<36}  {'JOB':<28} {'STATUS':<22} {'STARTED':<20} {'ROWS':>12}")
+    for r in rows:
+        summary = r["summary"] or {}
+        done = summary.get("succeeded")
+        click.echo(f"{r['run_id']:<36}  {r['job_id']:<28} {r['status']:<22} "
+                   f"{r['started_at']:<20} {(f'{done:,}' if done is not None else '-'):>12}")
+
+
+@click.command()
+@click.argument("run_id")
+@_state_options
+def report(run_id: str, state: str | None, state_schema: str) -> None:
+    """Print the result JSON of RUN_ID (the same document --json printed)."""
+    click.echo(json.dumps(api.report(run_id, state=state, state_schema=state_schema),
+                          indent=2, default=str))

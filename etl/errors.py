@@ -1,0 +1,110 @@
+"""One error tree for the whole toolkit.
+
+    EtlError                     exit 1, category fatal
+    ├── UsageError               exit 2  bad options or configuration
+    │   └── NoKeyError           exit 2  a table without a usable key
+    ├── JobLockedError           exit 75 another run holds the job
+    ├── SourceError              exit 1  reading failed (missing table, connection, auth …)
+    ├── TargetError              exit 1  writing failed
+    └── StateStoreError          exit 1  the state store could not be read or written
+
+Every message says what to do next. Driver exceptions are wrapped at the
+boundary (``raise … from exc``) and classified by SQLSTATE, never by text.
+"""
+
+from __future__ import annotations
+
+from .model import Category
+
+# SQLSTATE classes and codes that a retry can cure (see SPEC.md "Errors").
+_TRANSIENT_CLASSES = ("08",)
+_TRANSIENT_CODES = frozenset(
+    {"57P01", "57P02", "57P03", "40001", "40P01", "55P03", "53300", "25006"}
+)
+_DATA_CLASSES = ("22", "23")
+
+
+class EtlError(Exception):
+    """Base class of every error `etl` raises on purpose."""
+
+    exit_code: int = 1
+    category: Category = Category.FATAL
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.sqlstate = sqlstate
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(EtlError):
+    """Bad options, arguments or configuration: fix the command line."""
+
+    exit_code = 2
+
+
+class NoKeyError(UsageError):
+    """The table has no primary key and no --key was given."""
+
+
+class JobLockedError(EtlError):
+    """Another run holds the job's advisory lock."""
+
+    exit_code = 75
+
+    def __init__(self, message: str, *, holder: str | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class SourceError(EtlError):
+    """Reading from the source failed."""
+
+
+class TargetError(EtlError):
+    """Writing to the target failed."""
+
+
+class StateStoreError(EtlError):
+    """The state store could not be created, read or written."""
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver exception (psycopg or SQLAlchemy-wrapped), if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        state = getattr(cur, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state
+        orig = getattr(cur, "orig", None)
+        if isinstance(orig, BaseException):
+            cur = orig
+            continue
+        cur = cur.__cause__
+    return None
+
+
+def classify(exc: BaseException) -> Category:
+    """Transient, data or fatal — by SQLSTATE and exception type, never message text."""
+    if isinstance(exc, EtlError) and not exc.sqlstate:
+        return exc.category
+    state = sqlstate_of(exc) or (exc.sqlstate if isinstance(exc, EtlError) else None)
+    if state:
+        if state.startswith(_TRANSIENT_CLASSES) or state in _TRANSIENT_CODES:
+            return Category.TRANSIENT
+        if state.startswith(_DATA_CLASSES):
+            return Category.DATA
+        return Category.FATAL
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a hard dependency
+        return Category.FATAL
+    if isinstance(exc, psycopg.OperationalError):
+        return Category.TRANSIENT
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return Category.TRANSIENT
+    return Category.FATAL

@@ -1,0 +1,65 @@
+"""The life of one run in the state store: schema, lock, job row, run row, report.
+
+    with JobRun(state_url, job_id, "copy", args) as run:   # lock taken, or JobLockedError
+        ...                                                # run.run_id, run.store
+        run.finish(result)                                 # report stored
+"""
+
+from __future__ import annotations
+
+import uuid
+from types import TracebackType
+from typing import Any
+
+from . import pg
+from .report import Result
+from .state import lock
+from .state.schema import DEFAULT_SCHEMA
+from .state.store import StateStore
+from .urls import DbUrl
+
+
+class JobRun:
+    """Holds the job's advisory lock on an autocommit state-store connection."""
+
+    def __init__(self, state_url: DbUrl, job_id: str, job_type: str, args: dict[str, Any],
+                 *, schema: str = DEFAULT_SCHEMA) -> None:
+        self.state_url = state_url
+        self.job_id = job_id
+        self.job_type = job_type
+        self.args = args
+        self.schema = schema
+        self.run_id = str(uuid.uuid4())
+        self.stale_runs_closed = 0
+        self._store: StateStore | None = None
+
+    @property
+    def store(self) -> StateStore:
+        assert self._store is not None, "JobRun used outside its with-block"
+        return self._store
+
+    def __enter__(self) -> JobRun:
+        conn = pg.connect(self.state_url, "state", autocommit=True)
+        try:
+            store = StateStore(conn, self.schema)
+            store.ensure()
+            lock.acquire(conn, self.job_id)
+            store.register_job(self.job_id, self.job_type, self.args)
+        except BaseException:
+            conn.close()
+            raise
+        self._store = store
+        return self
+
+    def begin(self) -> None:
+        """Record the run as running (closing runs a dead process left open)."""
+        self.stale_runs_closed = self.store.start_run(self.job_id, self.run_id)
+
+    def finish(self, result: Result) -> None:
+        self.store.finish_run(self.run_id, result.status, result.to_dict())
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._store is not None:
+            self._store.conn.close()  # releases the advisory lock with the session
+            self._store = None

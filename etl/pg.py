@@ -1,0 +1,67 @@
+"""PostgreSQL connections: one place that opens them and turns failures into EtlErrors."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from .errors import EtlError, SourceError, StateStoreError, TargetError
+from .urls import DbUrl, mask
+
+if TYPE_CHECKING:
+    import psycopg
+
+# A server that does not answer in this time is reported as unreachable.
+CONNECT_TIMEOUT_SECONDS = 10
+
+_ROLE_ERRORS: dict[str, type[EtlError]] = {
+    "source": SourceError,
+    "target": TargetError,
+    "state": StateStoreError,
+}
+
+
+def application_name(role: str) -> str:
+    """Identifies an `etl` session in pg_stat_activity: role, host and pid."""
+    return f"etl:{role}:{socket.gethostname()}:{os.getpid()}"[:63]
+
+
+def connect(url: DbUrl, role: str, *, autocommit: bool = False) -> psycopg.Connection:
+    """Open a connection for ``role`` (source, target or state), in UTC.
+
+    Connection failures become one clear line naming the masked URL.
+    """
+    import psycopg
+
+    error_cls = _ROLE_ERRORS.get(role, EtlError)
+    try:
+        conn = psycopg.connect(
+            url.conninfo(application_name=application_name(role),
+                         connect_timeout=str(CONNECT_TIMEOUT_SECONDS)),
+            autocommit=autocommit,
+            options="-c TimeZone=UTC",
+        )
+    except psycopg.Error as exc:
+        detail = " ".join(str(exc).split())
+        raise error_cls(
+            f"cannot connect to the {role} database {url.masked}: {mask(detail, url.password)} "
+            "— check the host, port, user, password and database name in the URL"
+        ) from exc
+    return conn
+
+
+def describe_error(exc: BaseException, url: DbUrl | None = None) -> str:
+    """One line for a driver error: SQLSTATE, message and the server's detail/hint."""
+    parts = [" ".join(str(exc).split())]
+    diag = getattr(exc, "diag", None)
+    if diag is not None:
+        if getattr(diag, "message_detail", None):
+            parts.append(f"detail: {diag.message_detail}")
+        if getattr(diag, "message_hint", None):
+            parts.append(f"hint: {diag.message_hint}")
+    text = "; ".join(p for p in parts if p)
+    state = getattr(exc, "sqlstate", None)
+    if state:
+        text = f"[{state}] {text}"
+    return mask(text, url.password if url else None)

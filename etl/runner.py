@@ -1,0 +1,173 @@
+"""The chunk loop: size → step (read, write, checkpoint in one transaction) → pace.
+
+The loop knows nothing about tables. A *step* does one chunk and commits it
+with its checkpoint; the loop decides how big the next chunk is, when to stop
+(end of data, SIGINT/SIGTERM, --max-runtime), how fast to go (--max-rate,
+--sleep) and reports progress. Stopping always happens at a chunk boundary.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .model import Checkpoint, Status
+from .progress import NoProgress, Progress
+
+# Adaptive chunk size (--chunk-size auto): start small, then aim at --chunk-seconds.
+AUTO_FIRST_CHUNK = 10_000          # small enough to learn the rate within a second or two
+AUTO_MIN_CHUNK = 1_000             # below this, per-chunk overhead dominates
+AUTO_MAX_CHUNK = 1_000_000         # bounds memory held by one COPY transaction's WAL and locks
+AUTO_MAX_GROWTH = 2.0              # grow at most ×2 per chunk, so one fast chunk cannot overshoot
+RATE_SMOOTHING = 0.3               # EWMA weight of the newest chunk's rows/s
+DEFAULT_CHUNK_SECONDS = 2.0        # SPEC.md default for --chunk-seconds
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """How big chunks are and how fast and how long the loop may go."""
+
+    chunk_size: int | None = None          # None = auto
+    chunk_seconds: float = DEFAULT_CHUNK_SECONDS
+    min_chunk: int = AUTO_MIN_CHUNK
+    max_chunk: int = AUTO_MAX_CHUNK
+    max_rate: float | None = None          # rows per second
+    sleep: float = 0.0                     # seconds between chunks
+    max_runtime: float | None = None       # seconds
+
+
+class ChunkSizer:
+    """Fixed size, or auto: an EWMA of rows/s times the target chunk duration."""
+
+    def __init__(self, pacing: Pacing) -> None:
+        self.fixed = pacing.chunk_size
+        self.target = pacing.chunk_seconds
+        self.lo, self.hi = pacing.min_chunk, pacing.max_chunk
+        if pacing.max_rate:  # a chunk should not take longer than the target at the capped rate
+            self.hi = max(self.lo, min(self.hi, int(pacing.max_rate * self.target)))
+        self.size = self.fixed or max(self.lo, min(AUTO_FIRST_CHUNK, self.hi))
+        self.rate: float | None = None
+
+    def next_size(self) -> int:
+        return self.size
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if self.fixed or rows <= 0 or seconds <= 0:
+            return
+        if rows < self.size:  # a short last chunk says nothing about the rate
+            return
+        now = rows / seconds
+        self.rate = now if self.rate is None else RATE_SMOOTHING * now + (1 - RATE_SMOOTHING) * self.rate
+        wanted = int(self.rate * self.target)
+        if seconds > 2 * self.target:  # a slow chunk: shrink at once, without smoothing
+            wanted = int(now * self.target)
+        self.size = max(self.lo, min(self.hi, wanted, int(self.size * AUTO_MAX_GROWTH)))
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM (or a caller); the loop stops at the next chunk boundary."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+
+@contextmanager
+def stop_on_signals(flag: StopFlag) -> Iterator[None]:
+    """First SIGINT/SIGTERM: finish the current chunk, then stop. Second SIGINT: abort now."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.set(f"received {name}")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class StepOutcome:
+    """What a step reports after committing one chunk."""
+
+    checkpoint: Checkpoint
+    rows: int
+    bytes: int
+
+
+Step = Callable[[Checkpoint, int], StepOutcome | None]
+
+
+@dataclass
+class LoopResult:
+    status: Status
+    checkpoint: Checkpoint
+    chunks: int
+    rows: int
+    bytes: int
+    last_chunk_size: int
+    message: str | None = None
+
+
+def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
+             stop: StopFlag | None = None, progress: Progress | None = None,
+             on_chunk: Callable[[StepOutcome], None] | None = None) -> LoopResult:
+    """Run ``step`` until it returns None (no more rows) or the loop must stop."""
+    stop = stop if stop is not None else StopFlag()
+    progress = progress or NoProgress()
+    sizer = ChunkSizer(pacing)
+    cp = start
+    t0 = time.monotonic()
+    rows = nbytes = chunks = 0
+    while True:
+        if stop:
+            return LoopResult(Status.STOPPED, cp, chunks, rows, nbytes, sizer.size,
+                              f"stopped at a chunk boundary ({stop.reason}); rerun to resume")
+        if pacing.max_runtime is not None and time.monotonic() - t0 >= pacing.max_runtime:
+            return LoopResult(Status.STOPPED, cp, chunks, rows, nbytes, sizer.size,
+                              f"stopped after --max-runtime {pacing.max_runtime:g}s; rerun to resume")
+        size = sizer.next_size()
+        c0 = time.monotonic()
+        outcome = step(cp, size)
+        if outcome is None:
+            return LoopResult(Status.COMPLETED, cp, chunks, rows, nbytes, sizer.size)
+        seconds = time.monotonic() - c0
+        cp = outcome.checkpoint
+        chunks += 1
+        rows += outcome.rows
+        nbytes += outcome.bytes
+        sizer.observe(outcome.rows, seconds)
+        progress.advance(outcome.rows, outcome.bytes)
+        if on_chunk is not None:
+            on_chunk(outcome)
+        _pace(pacing, t0, rows, stop)
+
+
+def _pace(pacing: Pacing, t0: float, rows: int, stop: StopFlag) -> None:
+    """Sleep for --sleep, and long enough that rows/elapsed stays under --max-rate."""
+    wait = pacing.sleep
+    if pacing.max_rate:
+        wait = max(wait, rows / pacing.max_rate - (time.monotonic() - t0))
+    deadline = time.monotonic() + wait
+    while not stop and time.monotonic() < deadline:
+        time.sleep(min(0.1, deadline - time.monotonic()))

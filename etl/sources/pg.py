@@ -1,0 +1,152 @@
+"""Keyset reads from PostgreSQL: chunk bounds on the key, then COPY of the chunk.
+
+A chunk is ``key > last_key AND (where) ORDER BY key LIMIT n`` — never OFFSET.
+The upper bound of the chunk is found first with an index-only walk of the
+key; the rows are then streamed with ``COPY (SELECT … WHERE key > lo AND
+key <= hi) TO STDOUT`` so the bytes reach the target without being decoded
+into Python objects. Composite keys are compared as row values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..model import Column, TableName
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import sql as sqlmod
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The last key of a chunk: text form for queries, JSON form for the report."""
+
+    text: tuple[str, ...]
+    json: list[Any]
+
+
+@dataclass(frozen=True)
+class KeysetQuery:
+    """The SQL of one table's keyset walk, built once and reused for every chunk."""
+
+    table: TableName
+    columns: tuple[Column, ...]
+    key: tuple[Column, ...]
+    where: str | None = None
+
+    # -- SQL pieces ----------------------------------------------------------
+    def _ident(self) -> sqlmod.Composable:
+        from psycopg import sql
+
+        return sql.Identifier(self.table.schema, self.table.name)
+
+    def _key_row(self) -> sqlmod.Composable:
+        from psycopg import sql
+
+        return sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier(k.name) for k in self.key))
+
+    def _params_row(self, prefix: str) -> sqlmod.Composable:
+        from psycopg import sql
+
+        return sql.SQL("({})").format(sql.SQL(", ").join(
+            sql.SQL("{}::{}").format(sql.Placeholder(f"{prefix}{i}"), sql.SQL(k.type_sql))
+            for i, k in enumerate(self.key)))
+
+    def _filter(self, lower: bool, upper: bool) -> sqlmod.Composable:
+        from psycopg import sql
+
+        conds: list[sqlmod.Composable] = []
+        if lower:
+            conds.append(sql.SQL("{} > {}").format(self._key_row(), self._params_row("lo")))
+        if upper:
+            conds.append(sql.SQL("{} <= {}").format(self._key_row(), self._params_row("hi")))
+        if self.where:
+            # operator-supplied SQL (documented as trusted); parenthesised so OR cannot leak
+            conds.append(sql.SQL("({})").format(sql.SQL(self.where)))  # type: ignore[arg-type]
+        if not conds:
+            return sql.SQL("")
+        return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
+
+    def bound_sql(self, has_lower: bool) -> sqlmod.Composable:
+        """The last key among the next ``limit`` keys after the lower bound."""
+        from psycopg import sql
+
+        keys = sql.SQL(", ").join(sql.Identifier(k.name) for k in self.key)
+        # qualified with the subquery's alias: a bare name in ORDER BY would bind to the
+        # ::text output column of the same name and sort the keys as text
+        outer = [sql.Identifier("chunk", k.name) for k in self.key]
+        desc = sql.SQL(", ").join(sql.SQL("{} DESC").format(o) for o in outer)
+        as_text = sql.SQL(", ").join(sql.SQL("{}::text").format(o) for o in outer)
+        as_json = sql.SQL("jsonb_build_array({})").format(sql.SQL(", ").join(outer))
+        return sql.SQL(
+            "SELECT {as_text}, {as_json} FROM (SELECT {keys} FROM {table}{filter} "
+            "ORDER BY {keys} LIMIT %(limit)s) AS chunk ORDER BY {desc} LIMIT 1"
+        ).format(as_text=as_text, as_json=as_json, keys=keys, table=self._ident(),
+                 filter=self._filter(has_lower, False), desc=desc)
+
+    def select_sql(self, has_lower: bool, has_upper: bool = True) -> sqlmod.Composable:
+        from psycopg import sql
+
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
+        return sql.SQL("SELECT {} FROM {}{}").format(cols, self._ident(),
+                                                     self._filter(has_lower, has_upper))
+
+    def copy_out_sql(self, has_lower: bool, binary: bool) -> sqlmod.Composable:
+        from psycopg import sql
+
+        fmt = sql.SQL("binary" if binary else "text")
+        return sql.SQL("COPY ({}) TO STDOUT (FORMAT {})").format(self.select_sql(has_lower), fmt)
+
+    def remaining_sql(self, has_lower: bool) -> sqlmod.Composable:
+        """Rows still to copy after the lower bound (for counts and estimates)."""
+        from psycopg import sql
+
+        return sql.SQL("SELECT 1 FROM {}{}").format(self._ident(), self._filter(has_lower, False))
+
+    def params(self, lower: tuple[str, ...] | None, upper: tuple[str, ...] | None = None,
+               limit: int | None = None) -> dict[str, Any]:
+        p: dict[str, Any] = {}
+        for i, value in enumerate(lower or ()):
+            p[f"lo{i}"] = value
+        for i, value in enumerate(upper or ()):
+            p[f"hi{i}"] = value
+        if limit is not None:
+            p["limit"] = limit
+        return p
+
+
+class PgKeysetSource:
+    """Reads one table chunk by chunk on its own connection (read-only, repeatable read)."""
+
+    def __init__(self, conn: psycopg.Connection, query: KeysetQuery, *, binary: bool = True) -> None:
+        import psycopg as pg
+
+        self.conn = conn
+        self.query = query
+        self.binary = binary
+        conn.isolation_level = pg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+
+    def next_bound(self, after: tuple[str, ...] | None, limit: int) -> Bound | None:
+        """The last key of the next chunk of at most ``limit`` rows, or None at the end."""
+        row = self.conn.execute(self.query.bound_sql(after is not None),
+                                self.query.params(after, limit=limit)).fetchone()
+        if row is None:
+            return None
+        return Bound(tuple(row[:-1]), list(row[-1]))
+
+    def copy_out(self, after: tuple[str, ...] | None, upto: Bound) -> Iterator[bytes]:
+        """The chunk's rows as COPY data blocks (binary or text format)."""
+        with self.conn.cursor() as cur, cur.copy(
+            self.query.copy_out_sql(after is not None, self.binary),
+            self.query.params(after, upto.text),
+        ) as copy:
+            for block in copy:
+                yield bytes(block)
+
+    def end_chunk(self) -> None:
+        """Close the read transaction so no snapshot is held between chunks."""
+        self.conn.commit()

@@ -1,0 +1,207 @@
+"""The state store: jobs, runs, checkpoints and reports in a PostgreSQL schema.
+
+Checkpoints are written with :func:`write_checkpoint` on the *caller's*
+connection, inside the caller's transaction, so a chunk's rows and its
+checkpoint commit together. Everything else goes through :class:`StateStore`,
+which owns an autocommit connection (the same one that holds the job lock).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+from ..model import Checkpoint, Status
+from .schema import DEFAULT_SCHEMA, ensure_schema, installed_version
+
+if TYPE_CHECKING:
+    import psycopg
+
+# Runs still marked running that the next run of the job finds are closed with this message.
+STALE_RUN_MESSAGE = ("the process ended without closing this run (killed, crashed or lost its "
+                     "connection); the next run resumed from the last checkpoint")
+
+
+def _q(schema: str, sql_text: str):
+    from psycopg import sql
+
+    return sql.SQL(sql_text).format(s=sql.Identifier(schema))
+
+
+def write_checkpoint(conn: psycopg.Connection, cp: Checkpoint, *, finished: bool = False,
+                     schema: str = DEFAULT_SCHEMA) -> None:
+    """Upsert the job's checkpoint in ``conn``'s current transaction."""
+    conn.execute(
+        _q(schema, """
+        INSERT INTO {s}.checkpoints AS c (job_id, partition, run_id, chunk_index, last_key,
+            processed, succeeded, failed, skipped, bytes, checksum, finished, updated_at)
+        VALUES (%(job_id)s, '', %(run_id)s, %(chunk_index)s, %(last_key)s::jsonb, %(processed)s,
+            %(succeeded)s, %(failed)s, %(skipped)s, %(bytes)s, %(checksum)s, %(finished)s, now())
+        ON CONFLICT (job_id, partition) DO UPDATE SET
+            run_id = excluded.run_id, chunk_index = excluded.chunk_index,
+            last_key = excluded.last_key, processed = excluded.processed,
+            succeeded = excluded.succeeded, failed = excluded.failed, skipped = excluded.skipped,
+            bytes = excluded.bytes, checksum = excluded.checksum, finished = excluded.finished,
+            updated_at = excluded.updated_at
+        """),
+        {
+            "job_id": cp.job_id, "run_id": cp.run_id, "chunk_index": cp.chunk_index,
+            "last_key": json.dumps(cp.last_key_json) if cp.last_key is not None else None,
+            "processed": cp.processed, "succeeded": cp.succeeded, "failed": cp.failed,
+            "skipped": cp.skipped, "bytes": cp.bytes, "checksum": cp.checksum,
+            "finished": finished,
+        },
+    )
+
+
+def read_checkpoint(conn: psycopg.Connection, job_id: str,
+                    schema: str = DEFAULT_SCHEMA) -> tuple[Checkpoint, bool] | None:
+    """(checkpoint, finished) of ``job_id``, or None when it has none (or no store exists)."""
+    if installed_version(conn, schema) == 0:
+        return None
+    row = conn.execute(
+        _q(schema, """
+        SELECT chunk_index, last_key,
+               CASE WHEN last_key IS NULL THEN NULL
+                    ELSE array(SELECT jsonb_array_elements_text(last_key)) END,
+               processed, succeeded, failed, skipped, bytes, checksum, run_id::text,
+               to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), finished
+        FROM {s}.checkpoints WHERE job_id = %s AND partition = ''
+        """),
+        (job_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    (chunk_index, key_json, key_text, processed, succeeded, failed, skipped, nbytes,
+     checksum, run_id, updated_at, finished) = row
+    cp = Checkpoint(
+        job_id=job_id, chunk_index=chunk_index,
+        last_key=tuple(key_text) if key_text is not None else None,
+        last_key_json=list(key_json or []), processed=processed, succeeded=succeeded,
+        failed=failed, skipped=skipped, bytes=nbytes, checksum=checksum, run_id=run_id,
+        updated_at=updated_at,
+    )
+    return cp, bool(finished)
+
+
+class StateStore:
+    """Jobs, runs and reports, on an autocommit connection to the state database."""
+
+    def __init__(self, conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA) -> None:
+        self.conn = conn
+        self.schema = schema
+
+    def ensure(self) -> None:
+        ensure_schema(self.conn, self.schema)
+
+    def exists(self) -> bool:
+        return installed_version(self.conn, self.schema) > 0
+
+    def _exec(self, sql_text: str, params: Any = None):
+        return self.conn.execute(_q(self.schema, sql_text), params)
+
+    # -- jobs and runs -----------------------------------------------------
+    def register_job(self, job_id: str, job_type: str, args: dict[str, Any]) -> None:
+        self._exec(
+            """INSERT INTO {s}.jobs (job_id, job_type, args) VALUES (%s, %s, %s::jsonb)
+               ON CONFLICT (job_id) DO UPDATE SET job_type = excluded.job_type,
+                   args = excluded.args, updated_at = now()""",
+            (job_id, job_type, json.dumps(args, default=str)),
+        )
+
+    def start_run(self, job_id: str, run_id: str) -> int:
+        """Insert a running run; close runs a dead process left open. Returns how many."""
+        stale = self._exec(
+            """UPDATE {s}.runs SET status = 'failed', completed_at = now(),
+                   report = coalesce(report, '{{}}'::jsonb) || jsonb_build_object('stale_note', %s::text)
+               WHERE job_id = %s AND status = 'running'""",
+            (STALE_RUN_MESSAGE, job_id),
+        ).rowcount
+        self._exec(
+            "INSERT INTO {s}.runs (run_id, job_id, status, host, pid) VALUES (%s, %s, 'running', %s, %s)",
+            (run_id, job_id, socket.gethostname(), os.getpid()),
+        )
+        return stale
+
+    def heartbeat(self, run_id: str) -> None:
+        self._exec("UPDATE {s}.runs SET heartbeat_at = now() WHERE run_id = %s", (run_id,))
+
+    def finish_run(self, run_id: str, status: Status, report: dict[str, Any]) -> None:
+        self._exec(
+            """UPDATE {s}.runs SET status = %s, completed_at = now(), heartbeat_at = now(),
+                   report = %s::jsonb WHERE run_id = %s""",
+            (status.value, json.dumps(report, default=str), run_id),
+        )
+
+    def running_run(self, job_id: str) -> tuple[str, int, str] | None:
+        row = self._exec(
+            """SELECT host, pid, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS"Z"')
+               FROM {s}.runs WHERE job_id = %s AND status = 'running'
+               ORDER BY started_at DESC LIMIT 1""",
+            (job_id,),
+        ).fetchone()
+        return (row[0], int(row[1]), row[2]) if row else None
+
+    def delete_checkpoint(self, job_id: str) -> None:
+        self._exec("DELETE FROM {s}.checkpoints WHERE job_id = %s", (job_id,))
+
+    # -- reading, for `etl runs`, `etl report`, `etl status` -------------------
+    def report(self, run_id: str) -> dict[str, Any] | None:
+        import uuid
+
+        try:
+            uuid.UUID(run_id)
+        except ValueError:
+            return None
+        row = self._exec("SELECT report, status FROM {s}.runs WHERE run_id = %s", (run_id,)).fetchone()
+        if row is None:
+            return None
+        report, status = row
+        if report and "job_id" in report:
+            return report
+        # a run still going, or one a dead process left open: what is known of it
+        return {"run_id": run_id, "status": status, **(report or {})}
+
+    def runs(self, job_id: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        cur = self._exec(
+            """SELECT run_id::text, job_id, status, host, pid,
+                      to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                      to_char(completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                      report -> 'summary'
+               FROM {s}.runs WHERE (%(job)s::text IS NULL OR job_id = %(job)s)
+               ORDER BY started_at DESC LIMIT %(limit)s""",
+            {"job": job_id, "limit": limit},
+        )
+        cols = ["run_id", "job_id", "status", "host", "pid", "started_at", "completed_at", "summary"]
+        return [dict(zip(cols, r, strict=True)) for r in cur]
+
+    def jobs(self, job_id: str | None = None) -> list[dict[str, Any]]:
+        cur = self._exec(
+            """SELECT j.job_id, j.job_type, r.status, r.run_id::text, r.host, r.pid,
+                      to_char(r.heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                      c.chunk_index, c.last_key, c.processed, c.succeeded, c.failed, c.skipped,
+                      c.finished,
+                      to_char(c.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+               FROM {s}.jobs j
+               LEFT JOIN LATERAL (SELECT * FROM {s}.runs r WHERE r.job_id = j.job_id
+                                  ORDER BY started_at DESC LIMIT 1) r ON true
+               LEFT JOIN {s}.checkpoints c ON c.job_id = j.job_id AND c.partition = ''
+               WHERE (%(job)s::text IS NULL OR j.job_id = %(job)s)
+               ORDER BY j.job_id""",
+            {"job": job_id},
+        )
+        out = []
+        for (jid, jtype, status, run_id, host, pid, heartbeat, chunk_index, last_key, processed,
+             succeeded, failed, skipped, finished, cp_time) in cur:
+            out.append({
+                "job_id": jid, "job_type": jtype, "status": status or "never run",
+                "last_run": {"run_id": run_id, "host": host, "pid": pid, "heartbeat_at": heartbeat}
+                if run_id else None,
+                "checkpoint": None if chunk_index is None else {
+                    "chunk_index": chunk_index, "last_key": last_key, "processed_count": processed,
+                    "succeeded": succeeded, "failed": failed, "skipped": skipped,
+                    "finished": finished, "timestamp": cp_time},
+            })
+        return out

@@ -1,0 +1,350 @@
+"""`etl copy` between PostgreSQL databases: plan, prepare the target, run the chunks.
+
+Fast path: each keyset chunk moves as binary COPY data from the source
+straight into COPY FROM STDIN on the target, without decoding values. The
+chunk's checkpoint is written in the target transaction that holds its rows
+when the state store lives in the target database (the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import catalog, pg
+from .errors import EtlError, TargetError, UsageError
+from .model import Checkpoint, Column, Mode, Status, TableName
+from .report import Result, RowError, utc_now
+from .runner import Pacing, StepOutcome, StopFlag, run_loop, stop_on_signals
+from .sinks.pg_copy import PgCopySink
+from .sources.pg import KeysetQuery, PgKeysetSource
+from .state.store import read_checkpoint, write_checkpoint
+from .urls import DbUrl
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from .jobrun import JobRun
+    from .progress import Progress
+
+
+@dataclass(frozen=True)
+class CopySpec:
+    """Everything `etl copy` was asked to do, checked and resolved."""
+
+    source: DbUrl
+    target: DbUrl
+    state: DbUrl
+    table: TableName
+    target_table: TableName
+    job_id: str
+    key: tuple[str, ...] | None = None
+    columns: tuple[str, ...] | None = None
+    where: str | None = None
+    mode: Mode = Mode.APPEND
+    create: bool = True
+    restart: bool = False
+    pacing: Pacing = Pacing()
+    state_schema: str = "etl"
+
+    @property
+    def state_in_target(self) -> bool:
+        return self.state.same_database(self.target)
+
+    def args(self) -> dict[str, Any]:
+        """The job's arguments as stored in the state store (URLs masked)."""
+        return {
+            "source": self.source.masked, "target": self.target.masked,
+            "table": str(self.table), "target_table": str(self.target_table),
+            "key": list(self.key or ()), "columns": list(self.columns or ()),
+            "where": self.where, "mode": self.mode.value, "create": self.create,
+            "pacing": dataclasses.asdict(self.pacing),
+        }
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    """What the copy will do, found by reading both databases (writes nothing)."""
+
+    spec: CopySpec
+    columns: tuple[Column, ...]
+    key: tuple[Column, ...]
+    primary_key: tuple[str, ...]
+    target_exists: bool
+    binary: bool
+    estimated_rows: int
+    ddl: tuple[str, ...]          # statements that create the target when it is missing
+
+    @property
+    def query(self) -> KeysetQuery:
+        return KeysetQuery(self.spec.table, self.columns, self.key, self.spec.where)
+
+
+def make_plan(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connection) -> CopyPlan:
+    """Describe the source, check the target, decide the COPY format and the DDL."""
+    info = catalog.describe(sconn, spec.table, role="source")
+    key_names = catalog.resolve_key(info, spec.key)
+    columns = catalog.resolve_columns(info, spec.columns, key_names)
+    key = tuple(info.column(k) for k in key_names)
+    if spec.where:
+        _check_where(sconn, spec)
+    ddl: tuple[str, ...] = ()
+    binary = True
+    target_exists = catalog.table_oid(tconn, spec.target_table) is not None
+    if target_exists:
+        tinfo = catalog.describe(tconn, spec.target_table, role="target")
+        tcols = {c.name: c for c in tinfo.columns}
+        missing = [c.name for c in columns if c.name not in tcols]
+        if missing:
+            raise TargetError(
+                f"target table {spec.target_table} has no column(s) {', '.join(missing)}; "
+                "add them, drop the table so it is created from the source, or narrow the copy "
+                "with --columns"
+            )
+        # binary COPY needs identical types; any difference falls back to the text format
+        binary = all(tcols[c.name].type_sql == c.type_sql for c in columns)
+    elif not spec.create:
+        raise TargetError(
+            f"target table {spec.target_table} does not exist and --no-create was given; "
+            "create it first, or drop --no-create to create it from the source"
+        )
+    else:
+        ddl = _target_ddl(spec, sconn, tconn, columns, info.primary_key)
+    sconn.rollback()
+    tconn.rollback()
+    return CopyPlan(spec, columns, key, info.primary_key, target_exists, binary,
+                    info.estimated_rows, ddl)
+
+
+def _check_where(sconn: psycopg.Connection, spec: CopySpec) -> None:
+    """Run the filter once on no rows, so a typo is a clear usage error before any write."""
+    from psycopg import sql
+
+    try:
+        sconn.execute(sql.SQL("SELECT 1 FROM {} WHERE ({}) LIMIT 0").format(
+            sql.Identifier(spec.table.schema, spec.table.name), sql.SQL(spec.where)))  # type: ignore[arg-type]
+    except Exception as exc:
+        sconn.rollback()
+        raise UsageError(f"--where {spec.where!r} is not valid on {spec.table}: "
+                         f"{pg.describe_error(exc)}") from exc
+
+
+def _target_ddl(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connection,
+                columns: tuple[Column, ...], primary_key: tuple[str, ...]) -> tuple[str, ...]:
+    from psycopg import sql
+
+    stmts = [sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+        sql.Identifier(spec.target_table.schema)).as_string(None)]
+    for schema, name, create in catalog.user_types_ddl(sconn, [c.type_sql for c in columns]):
+        exists = tconn.execute("SELECT to_regtype(%s)", (f'"{schema}"."{name}"',)).fetchone()
+        if exists and exists[0] is None:
+            stmts.append(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                sql.Identifier(schema)).as_string(None))
+            stmts.append(create)
+    stmts.append(catalog.create_table_sql(spec.target_table, columns, (), primary_key))
+    return tuple(dict.fromkeys(stmts))
+
+
+def describe_plan(plan: CopyPlan, checkpoint: Checkpoint | None, remaining: int, exact: bool,
+                  chunk_size: int) -> str:
+    """The --dry-run text: what would happen, with the SQL; nothing is written."""
+    spec = plan.spec
+    q = plan.query
+    lines = [
+        f"job:          {spec.job_id}",
+        f"source:       {spec.source.masked}  table {spec.table}",
+        f"target:       {spec.target.masked}  table {spec.target_table}"
+        + ("" if plan.target_exists else "  (missing: would be created)"),
+        f"state store:  {spec.state.masked}  schema {spec.state_schema}"
+        + ("  (in the target: checkpoint in each chunk's transaction)" if spec.state_in_target else ""),
+        f"key:          {', '.join(f'{k.name} {k.type_sql}' for k in plan.key)}",
+        f"columns:      {', '.join(c.name for c in plan.columns)}",
+        f"mode:         {spec.mode.value}   COPY format: {'binary' if plan.binary else 'text'}",
+    ]
+    if checkpoint is not None and checkpoint.last_key is not None and not spec.restart:
+        lines.append(f"resume:       after key {list(checkpoint.last_key)} "
+                     f"(chunk {checkpoint.chunk_index}, {checkpoint.processed:,} rows done)")
+    about = "" if exact else "~"
+    chunks = -(-remaining // chunk_size) if remaining else 0
+    lines.append(f"rows to copy: {about}{remaining:,} in {about}{chunks:,} chunk(s) of "
+                 f"{'up to ' if spec.pacing.chunk_size else 'about (auto) '}{chunk_size:,}")
+    if plan.ddl:
+        lines.append("target DDL:")
+        lines.extend(f"  {stmt};" for stmt in plan.ddl)
+    lines.append("chunk bound SQL (per chunk):")
+    lines.append(f"  {q.bound_sql(True).as_string(None)};")
+    lines.append("chunk COPY SQL (per chunk):")
+    lines.append(f"  {q.copy_out_sql(True, plan.binary).as_string(None)};")
+    lines.append("dry run: nothing was written")
+    return "\n".join(lines)
+
+
+def count_remaining(sconn: psycopg.Connection, plan: CopyPlan,
+                    after: tuple[str, ...] | None) -> tuple[int, bool]:
+    q = plan.query
+    sql_text = q.remaining_sql(after is not None).as_string(sconn)
+    n, exact = catalog.count_rows(sconn, sql_text, q.params(after), plan.estimated_rows)
+    sconn.rollback()
+    return n, exact
+
+
+def prepare_target(tconn: psycopg.Connection, plan: CopyPlan) -> None:
+    """Create the target table (and its schema and user types) in one transaction."""
+    if not plan.ddl:
+        return
+    try:
+        with tconn.transaction():
+            for stmt in plan.ddl:
+                tconn.execute(stmt.encode())
+    except Exception as exc:
+        raise TargetError(f"could not create target table {plan.spec.target_table}: "
+                          f"{pg.describe_error(exc, plan.spec.target)}") from exc
+
+
+class CopyStep:
+    """One chunk: bound → COPY out → COPY in → checkpoint, committed together."""
+
+    def __init__(self, plan: CopyPlan, source: PgKeysetSource, sink: PgCopySink,
+                 tconn: psycopg.Connection, run: JobRun, *, replay_guard: bool) -> None:
+        self.plan = plan
+        self.source = source
+        self.sink = sink
+        self.tconn = tconn
+        self.run = run
+        self.replay_guard = replay_guard
+        self.last_checksum: str | None = None
+
+    def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
+        spec = self.plan.spec
+        with self.source.conn.transaction():
+            bound = self.source.next_bound(cp.last_key, size)
+            if bound is None:
+                return None
+            with self.tconn.transaction():
+                if self.replay_guard:
+                    self._delete_replayed(cp.last_key, bound.text)
+                stats = self.sink.write(self.source.copy_out(cp.last_key, bound))
+                new = dataclasses.replace(
+                    cp, chunk_index=cp.chunk_index + 1, last_key=bound.text,
+                    last_key_json=bound.json, processed=cp.processed + stats.rows,
+                    succeeded=cp.succeeded + stats.rows, bytes=cp.bytes + stats.bytes,
+                    checksum=stats.checksum, run_id=self.run.run_id, updated_at=utc_now())
+                if spec.state_in_target:
+                    write_checkpoint(self.tconn, new, schema=spec.state_schema)
+        if not spec.state_in_target:
+            write_checkpoint(self.run.store.conn, new, schema=spec.state_schema)
+        self.replay_guard = False
+        return StepOutcome(new, stats.rows, stats.bytes)
+
+    def _delete_replayed(self, lower: tuple[str, ...] | None, upper: tuple[str, ...]) -> None:
+        """State elsewhere: rows of a chunk whose checkpoint was lost are removed, then rewritten."""
+        from psycopg import sql
+
+        q = dataclasses.replace(self.plan.query, table=self.plan.spec.target_table, where=None)
+        filt = q.select_sql(lower is not None).as_string(self.tconn).split(" WHERE ", 1)[1]
+        self.tconn.execute(
+            sql.SQL("DELETE FROM {} WHERE ").format(
+                sql.Identifier(q.table.schema, q.table.name)) + sql.SQL(filt),  # type: ignore[arg-type]
+            q.params(lower, upper))
+
+
+def execute(spec: CopySpec, run: JobRun, *, progress: Progress, stop: StopFlag | None = None,
+            chunk_size_hint: int) -> Result:
+    """Run the copy under ``run`` (lock held); returns the Result (never raises for run failures)."""
+    stop = stop or StopFlag()
+    result = Result(job_id=spec.job_id, run_id=run.run_id, job_type="copy", started_at=utc_now())
+    result.metadata.update({"source": spec.source.masked, "target": spec.target.masked,
+                            "state": spec.state.masked,
+                            "chunk_size": spec.pacing.chunk_size or "auto"})
+    result.artifacts["dead_letters"] = f"{spec.state_schema}.dead_letters (job_id = {spec.job_id!r})"
+    t0 = time.monotonic()
+    sconn = pg.connect(spec.source, "source", autocommit=True)
+    tconn = pg.connect(spec.target, "target", autocommit=True)
+    cp: Checkpoint | None = None
+    try:
+        plan = make_plan(spec, sconn, tconn)
+        result.metadata["key"] = [k.name for k in plan.key]
+        result.metadata["copy_format"] = "binary" if plan.binary else "text"
+        prepare_target(tconn, plan)
+        if spec.restart:
+            run.store.delete_checkpoint(spec.job_id)
+        found = read_checkpoint(run.store.conn, spec.job_id, spec.state_schema)
+        resuming = found is not None
+        cp = found[0] if found else Checkpoint(job_id=spec.job_id, chunk_index=0, last_key=None,
+                                               run_id=run.run_id)
+        run.begin()
+        sink = PgCopySink(tconn, spec.target_table, plan.columns, binary=plan.binary)
+        if spec.mode is Mode.REPLACE and not resuming:
+            with tconn.transaction():  # emptied once per fresh run, recorded with the checkpoint
+                sink.truncate()
+                write_checkpoint(tconn if spec.state_in_target else run.store.conn, cp,
+                                 schema=spec.state_schema)
+        remaining, exact = count_remaining(sconn, plan, cp.last_key)
+        progress.start(f"copy {spec.table}", cp.processed, cp.processed + remaining, exact)
+        result.total_items = cp.processed + remaining
+        source = PgKeysetSource(sconn, plan.query, binary=plan.binary)
+        step = CopyStep(plan, source, sink, tconn, run,
+                        replay_guard=resuming and not spec.state_in_target
+                        and spec.mode is Mode.APPEND)
+        with stop_on_signals(stop):
+            loop = run_loop(step, cp, spec.pacing, stop=stop, progress=progress)
+        cp = loop.checkpoint
+        result.status, result.message = loop.status, loop.message
+        result.rows_this_run = loop.rows
+        result.metadata["chunk_size_last"] = loop.last_chunk_size
+        if loop.status is Status.COMPLETED:
+            _mark_finished(tconn if spec.state_in_target else run.store.conn, cp, spec)
+            result.total_items = cp.processed
+    except KeyboardInterrupt:
+        result.status = Status.STOPPED
+        result.message = "interrupted; the chunk in flight was rolled back — rerun to resume"
+    except EtlError as exc:
+        _fail(result, exc, str(exc))
+    except Exception as exc:  # driver errors: one line, masked, with SQLSTATE
+        _fail(result, exc, pg.describe_error(exc, spec.target))
+    finally:
+        for conn in (sconn, tconn):
+            conn.close()
+    if cp is not None:
+        _fill_counts(result, cp, spec)
+    result.duration_seconds = time.monotonic() - t0
+    result.completed_at = utc_now()
+    try:
+        run.finish(result)
+    except Exception:  # the state connection itself may be gone; the report still returns
+        pass
+    progress.finish(_summary_line(result))
+    return result
+
+
+def _mark_finished(conn: psycopg.Connection, cp: Checkpoint, spec: CopySpec) -> None:
+    with conn.transaction():
+        write_checkpoint(conn, cp, finished=True, schema=spec.state_schema)
+
+
+def _fail(result: Result, exc: BaseException, message: str) -> None:
+    from .errors import classify
+
+    result.status = Status.FAILED
+    result.message = message
+    result.add_error(RowError(item_identifier="", error_type=type(exc).__name__,
+                              category=classify(exc).value, error_message=message))
+
+
+def _fill_counts(result: Result, cp: Checkpoint, spec: CopySpec) -> None:
+    result.processed, result.succeeded = cp.processed, cp.succeeded
+    result.failed, result.skipped = cp.failed, cp.skipped
+    result.total_items = max(result.total_items, cp.processed)
+    result.metadata["num_chunks"] = cp.chunk_index
+    result.metadata["bytes"] = cp.bytes
+    result.last_checkpoint = {"chunk_index": cp.chunk_index, "last_key": cp.last_key_json,
+                              "processed_count": cp.processed, "checksum": cp.checksum,
+                              "timestamp": cp.updated_at}
+
+
+def _summary_line(result: Result) -> str:
+    text = (f"{result.status.value}: {result.succeeded:,} rows copied in "
+            f"{result.duration_seconds:.1f}s ({result.rows_this_run:,} this run)")
+    return f"{text} — {result.message}" if result.message else text
