@@ -12,8 +12,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (EtlError, JobLockedError, NoKeyError, SourceError, StateStoreError,
-                     TargetError, UsageError)
+from .errors import (
+    EtlError,
+    JobLockedError,
+    NoKeyError,
+    SourceError,
+    StateStoreError,
+    TargetError,
+    UsageError,
+)
 from .model import Category, Mode, Status
 
 if TYPE_CHECKING:

@@ -17,6 +17,9 @@ from .state.schema import DEFAULT_SCHEMA
 from .urls import DbUrl, parse
 
 if TYPE_CHECKING:
+    import psycopg
+
+    from . import table_copy
     from .progress import Progress
 
 
@@ -50,7 +53,6 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
     when the job cannot start (unreachable database, missing table, job locked).
     Once running, failures end in the returned Result (``status`` ``failed``).
     """
-    from . import table_copy
     from .jobrun import JobRun
 
     parsed_mode = opt.parse_mode(mode)
@@ -78,6 +80,8 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
     if src.same_database(tgt) and src_table == dst_table:
         raise UsageError(f"source and target are the same table ({src_table} in {src.masked}); "
                          "pass another --target database or --to-table")
+    from . import pg, table_copy
+
     spec = table_copy.CopySpec(
         source=src, target=tgt, state=state_url, table=src_table, target_table=dst_table,
         job_id=job or f"copy:{dst_table}", key=opt.parse_names(key, "--key"),
@@ -85,11 +89,19 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
         create=create, restart=restart, pacing=pacing, state_schema=state_schema,
     )
     prog = _progress(progress)
-    if dry_run:
-        return _dry_run(spec)
-    with JobRun(state_url, spec.job_id, "copy", spec.args(), schema=state_schema) as run:
-        result = table_copy.execute(spec, run, progress=prog, stop=stop,
-                                    chunk_size_hint=pacing.chunk_size or 0)
+    sconn = pg.connect(spec.source, "source", autocommit=True)
+    try:
+        tconn = pg.connect(spec.target, "target", autocommit=True)
+        try:
+            plan = table_copy.make_plan(spec, sconn, tconn)
+            if dry_run:
+                return _dry_run(plan, sconn)
+            with JobRun(state_url, spec.job_id, "copy", spec.args(), schema=state_schema) as run:
+                result = table_copy.execute(plan, run, sconn, tconn, progress=prog, stop=stop)
+        finally:
+            tconn.close()
+    finally:
+        sconn.close()
     if report:
         result.write(report)
     return result
@@ -103,31 +115,24 @@ def _progress(progress: bool | Progress | None) -> Progress:
     return progress
 
 
-def _dry_run(spec) -> Result:
+def _dry_run(plan: table_copy.CopyPlan, sconn: psycopg.Connection) -> Result:
     """Plan, counts and SQL; reads both databases and the state store, writes nothing."""
     from . import pg, table_copy
+    from .model import Status
     from .report import utc_now
     from .runner import AUTO_FIRST_CHUNK
     from .state.store import read_checkpoint
 
-    sconn = pg.connect(spec.source, "source", autocommit=True)
-    tconn = pg.connect(spec.target, "target", autocommit=True)
-    try:
-        plan = table_copy.make_plan(spec, sconn, tconn)
-        cp = None
-        if not spec.restart:
-            with pg.connect(spec.state, "state", autocommit=True) as stconn:
-                found = read_checkpoint(stconn, spec.job_id, spec.state_schema)
-                cp = found[0] if found else None
-        remaining, exact = table_copy.count_remaining(sconn, plan, cp.last_key if cp else None)
-    finally:
-        sconn.close()
-        tconn.close()
+    spec = plan.spec
+    cp = None
+    if not spec.restart:
+        with pg.connect(spec.state, "state", autocommit=True) as stconn:
+            found = read_checkpoint(stconn, spec.job_id, spec.state_schema)
+            cp = found[0] if found else None
+    remaining, exact = table_copy.count_remaining(sconn, plan, cp.last_key if cp else None)
     size = spec.pacing.chunk_size or AUTO_FIRST_CHUNK
     text = table_copy.describe_plan(plan, cp, remaining, exact, size)
     now = utc_now()
-    from .model import Status
-
     result = Result(job_id=spec.job_id, run_id="dry-run", job_type="copy", started_at=now,
                     completed_at=now, status=Status.COMPLETED, total_items=remaining)
     result.metadata.update({"dry_run": True, "plan": text, "estimated_rows": remaining,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class Category(str, enum.Enum):
+class Category(enum.StrEnum):
     """How a failure is handled (SPEC.md "Errors")."""
 
     TRANSIENT = "transient"
@@ -16,7 +16,7 @@ class Category(str, enum.Enum):
     VALIDATION = "validation"
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """The status of a run, as the report prints it."""
 
     RUNNING = "running"
@@ -43,7 +43,7 @@ _EXIT_CODES = {
 }
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     """How rows are written into the target."""
 
     APPEND = "append"

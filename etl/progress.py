@@ -129,8 +129,13 @@ class BarProgress:
 
     def start(self, label: str, done: int, total: int, exact: bool) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.label = label
         self.rates = _Rates()

@@ -250,23 +250,21 @@ class CopyStep:
             q.params(lower, upper))
 
 
-def execute(spec: CopySpec, run: JobRun, *, progress: Progress, stop: StopFlag | None = None,
-            chunk_size_hint: int) -> Result:
-    """Run the copy under ``run`` (lock held); returns the Result (never raises for run failures)."""
+def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psycopg.Connection,
+            *, progress: Progress, stop: StopFlag | None = None) -> Result:
+    """Run the planned copy under ``run`` (lock held). Failures end in the Result, not raised."""
+    spec = plan.spec
     stop = stop or StopFlag()
     result = Result(job_id=spec.job_id, run_id=run.run_id, job_type="copy", started_at=utc_now())
     result.metadata.update({"source": spec.source.masked, "target": spec.target.masked,
                             "state": spec.state.masked,
-                            "chunk_size": spec.pacing.chunk_size or "auto"})
+                            "chunk_size": spec.pacing.chunk_size or "auto",
+                            "key": [k.name for k in plan.key],
+                            "copy_format": "binary" if plan.binary else "text"})
     result.artifacts["dead_letters"] = f"{spec.state_schema}.dead_letters (job_id = {spec.job_id!r})"
     t0 = time.monotonic()
-    sconn = pg.connect(spec.source, "source", autocommit=True)
-    tconn = pg.connect(spec.target, "target", autocommit=True)
     cp: Checkpoint | None = None
     try:
-        plan = make_plan(spec, sconn, tconn)
-        result.metadata["key"] = [k.name for k in plan.key]
-        result.metadata["copy_format"] = "binary" if plan.binary else "text"
         prepare_target(tconn, plan)
         if spec.restart:
             run.store.delete_checkpoint(spec.job_id)
@@ -304,11 +302,8 @@ def execute(spec: CopySpec, run: JobRun, *, progress: Progress, stop: StopFlag |
         _fail(result, exc, str(exc))
     except Exception as exc:  # driver errors: one line, masked, with SQLSTATE
         _fail(result, exc, pg.describe_error(exc, spec.target))
-    finally:
-        for conn in (sconn, tconn):
-            conn.close()
     if cp is not None:
-        _fill_counts(result, cp, spec)
+        _fill_counts(result, cp)
     result.duration_seconds = time.monotonic() - t0
     result.completed_at = utc_now()
     try:
@@ -333,7 +328,7 @@ def _fail(result: Result, exc: BaseException, message: str) -> None:
                               category=classify(exc).value, error_message=message))
 
 
-def _fill_counts(result: Result, cp: Checkpoint, spec: CopySpec) -> None:
+def _fill_counts(result: Result, cp: Checkpoint) -> None:
     result.processed, result.succeeded = cp.processed, cp.succeeded
     result.failed, result.skipped = cp.failed, cp.skipped
     result.total_items = max(result.total_items, cp.processed)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 
-_PG_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2", "postgres+psycopg")
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
 
 
@@ -98,8 +97,8 @@ def mask(text: str, *secrets: str | None) -> str:
 
 def parse(raw: str | DbUrl) -> DbUrl:
     url = raw if isinstance(raw, DbUrl) else DbUrl(raw)
-    url._url  # validate now, so a bad URL is a usage error at the edge
+    _ = url._url  # validate now, so a bad URL is a usage error at the edge
     return url
 
 
-__all__ = ["DbUrl", "mask", "parse", "_PG_SCHEMES"]
+__all__ = ["DbUrl", "mask", "parse"]
