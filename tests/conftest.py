@@ -88,7 +88,7 @@ def execute(url: str, statements: str) -> None:
         conn.execute(statements)
 
 
-def scalar(url: str, query: str, params: tuple = ()):
+def scalar(url: str, query: str, params: tuple | None = None):
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(query, params).fetchone()
         return row[0] if row else None

@@ -1,0 +1,32 @@
+# The two commands at the top of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench lint install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("etl needs Python >= 3.11") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	PY=$(PY) bash fixtures/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/copy_pg.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check etl tests bench fixtures
+	$(VENV)/bin/mypy etl
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache reports
