@@ -240,21 +240,15 @@ class CopyStep:
 
     def _delete_replayed(self, lower: tuple[str, ...] | None, upper: tuple[str, ...]) -> None:
         """State elsewhere: rows of a chunk whose checkpoint was lost are removed, then rewritten."""
-        from psycopg import sql
-
-        q = dataclasses.replace(self.plan.query, table=self.plan.spec.target_table, where=None)
-        filt = q.select_sql(lower is not None).as_string(self.tconn).split(" WHERE ", 1)[1]
-        self.tconn.execute(
-            sql.SQL("DELETE FROM {} WHERE ").format(
-                sql.Identifier(q.table.schema, q.table.name)) + sql.SQL(filt),  # type: ignore[arg-type]
-            q.params(lower, upper))
+        q = dataclasses.replace(self.plan.query, table=self.plan.spec.target_table)
+        self.tconn.execute(q.delete_range_sql(lower is not None), q.params(lower, upper))
 
 
 def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psycopg.Connection,
             *, progress: Progress, stop: StopFlag | None = None) -> Result:
     """Run the planned copy under ``run`` (lock held). Failures end in the Result, not raised."""
     spec = plan.spec
-    stop = stop or StopFlag()
+    stop = stop if stop is not None else StopFlag()
     result = Result(job_id=spec.job_id, run_id=run.run_id, job_type="copy", started_at=utc_now())
     result.metadata.update({"source": spec.source.masked, "target": spec.target.masked,
                             "state": spec.state.masked,

@@ -100,6 +100,13 @@ class KeysetQuery:
         fmt = sql.SQL("binary" if binary else "text")
         return sql.SQL("COPY ({}) TO STDOUT (FORMAT {})").format(self.select_sql(has_lower), fmt)
 
+    def delete_range_sql(self, has_lower: bool) -> sqlmod.Composable:
+        """DELETE the rows of one chunk's key range (ignores --where: the range is what was written)."""
+        from psycopg import sql
+
+        bare = KeysetQuery(self.table, self.columns, self.key)
+        return sql.SQL("DELETE FROM {}{}").format(self._ident(), bare._filter(has_lower, True))
+
     def remaining_sql(self, has_lower: bool) -> sqlmod.Composable:
         """Rows still to copy after the lower bound (for counts and estimates)."""
         from psycopg import sql
