@@ -154,7 +154,8 @@ def _create_type_sql(schema: str, name: str, kind: str, labels: list[str] | None
     if kind == "e":
         return sql.SQL("CREATE TYPE {} AS ENUM ({})").format(
             ident, sql.SQL(", ").join(sql.Literal(label) for label in labels or [])).as_string(None)
-    parts = [sql.SQL("CREATE DOMAIN {} AS {}").format(ident, sql.SQL(base or "text"))]
+    parts: list[sql.Composable] = [
+        sql.SQL("CREATE DOMAIN {} AS {}").format(ident, sql.SQL(base or "text"))]
     if notnull:
         parts.append(sql.SQL("NOT NULL"))
     parts.extend(sql.SQL(check) for check in checks or [])
@@ -192,6 +193,6 @@ def count_rows(conn: psycopg.Connection, query: str, params: dict | list | tuple
     if isinstance(doc, str):
         doc = json.loads(doc)
     try:
-        return int(doc[0]["Plan"]["Plan Rows"]), False
+        return int(doc[0]["Plan"]["Plan Rows"]), False  # type: ignore[index]
     except (TypeError, KeyError, IndexError) as exc:  # pragma: no cover - planner format is stable
         raise SourceError("could not estimate the number of rows") from exc

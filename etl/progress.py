@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 # SPEC.md: milestone lines at least every 30 s when not on a TTY.
 MILESTONE_EVERY_SECONDS = 30.0
@@ -122,8 +122,8 @@ class BarProgress:
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
-        self._progress = None
-        self._task = None
+        self._progress: Any = None
+        self._task: Any = None
         self.rates = _Rates()
         self.label = ""
 

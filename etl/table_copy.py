@@ -281,7 +281,8 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
                         replay_guard=resuming and not spec.state_in_target
                         and spec.mode is Mode.APPEND)
         with stop_on_signals(stop):
-            loop = run_loop(step, cp, spec.pacing, stop=stop, progress=progress)
+            loop = run_loop(step, cp, spec.pacing, stop=stop, progress=progress,
+                            on_chunk=lambda _outcome: run.store.heartbeat(run.run_id))
         cp = loop.checkpoint
         result.status, result.message = loop.status, loop.message
         result.rows_this_run = loop.rows

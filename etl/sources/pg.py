@@ -38,27 +38,27 @@ class KeysetQuery:
     where: str | None = None
 
     # -- SQL pieces ----------------------------------------------------------
-    def _ident(self) -> sqlmod.Composable:
+    def _ident(self) -> sqlmod.Identifier:
         from psycopg import sql
 
         return sql.Identifier(self.table.schema, self.table.name)
 
-    def _key_row(self) -> sqlmod.Composable:
+    def _key_row(self) -> sqlmod.Composed:
         from psycopg import sql
 
         return sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier(k.name) for k in self.key))
 
-    def _params_row(self, prefix: str) -> sqlmod.Composable:
+    def _params_row(self, prefix: str) -> sqlmod.Composed:
         from psycopg import sql
 
         return sql.SQL("({})").format(sql.SQL(", ").join(
             sql.SQL("{}::{}").format(sql.Placeholder(f"{prefix}{i}"), sql.SQL(k.type_sql))
             for i, k in enumerate(self.key)))
 
-    def _filter(self, lower: bool, upper: bool) -> sqlmod.Composable:
+    def _filter(self, lower: bool, upper: bool) -> sqlmod.Composed:
         from psycopg import sql
 
-        conds: list[sqlmod.Composable] = []
+        conds: list[sqlmod.Composed] = []
         if lower:
             conds.append(sql.SQL("{} > {}").format(self._key_row(), self._params_row("lo")))
         if upper:
@@ -67,10 +67,10 @@ class KeysetQuery:
             # operator-supplied SQL (documented as trusted); parenthesised so OR cannot leak
             conds.append(sql.SQL("({})").format(sql.SQL(self.where)))  # type: ignore[arg-type]
         if not conds:
-            return sql.SQL("")
+            return sql.Composed([])
         return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
 
-    def bound_sql(self, has_lower: bool) -> sqlmod.Composable:
+    def bound_sql(self, has_lower: bool) -> sqlmod.Composed:
         """The last key among the next ``limit`` keys after the lower bound."""
         from psycopg import sql
 
@@ -87,27 +87,27 @@ class KeysetQuery:
         ).format(as_text=as_text, as_json=as_json, keys=keys, table=self._ident(),
                  filter=self._filter(has_lower, False), desc=desc)
 
-    def select_sql(self, has_lower: bool, has_upper: bool = True) -> sqlmod.Composable:
+    def select_sql(self, has_lower: bool, has_upper: bool = True) -> sqlmod.Composed:
         from psycopg import sql
 
         cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
         return sql.SQL("SELECT {} FROM {}{}").format(cols, self._ident(),
                                                      self._filter(has_lower, has_upper))
 
-    def copy_out_sql(self, has_lower: bool, binary: bool) -> sqlmod.Composable:
+    def copy_out_sql(self, has_lower: bool, binary: bool) -> sqlmod.Composed:
         from psycopg import sql
 
         fmt = sql.SQL("binary" if binary else "text")
         return sql.SQL("COPY ({}) TO STDOUT (FORMAT {})").format(self.select_sql(has_lower), fmt)
 
-    def delete_range_sql(self, has_lower: bool) -> sqlmod.Composable:
+    def delete_range_sql(self, has_lower: bool) -> sqlmod.Composed:
         """DELETE the rows of one chunk's key range (ignores --where: the range is what was written)."""
         from psycopg import sql
 
         bare = KeysetQuery(self.table, self.columns, self.key)
         return sql.SQL("DELETE FROM {}{}").format(self._ident(), bare._filter(has_lower, True))
 
-    def remaining_sql(self, has_lower: bool) -> sqlmod.Composable:
+    def remaining_sql(self, has_lower: bool) -> sqlmod.Composed:
         """Rows still to copy after the lower bound (for counts and estimates)."""
         from psycopg import sql
 
