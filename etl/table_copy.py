@@ -9,6 +9,7 @@ when the state store lives in the target database (the default).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,8 @@ from .sinks.pg_copy import PgCopySink
 from .sources.pg import KeysetQuery, PgKeysetSource
 from .state.store import read_checkpoint, write_checkpoint
 from .urls import DbUrl
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import psycopg
@@ -194,6 +197,7 @@ def prepare_target(tconn: psycopg.Connection, plan: CopyPlan) -> None:
     """Create the target table (and its schema and user types) in one transaction."""
     if not plan.ddl:
         return
+    log.info("creating target table %s from the source's definition", plan.spec.target_table)
     try:
         with tconn.transaction():
             for stmt in plan.ddl:
@@ -267,6 +271,12 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
         cp = found[0] if found else Checkpoint(job_id=spec.job_id, chunk_index=0, last_key=None,
                                                run_id=run.run_id)
         run.begin()
+        if run.stale_runs_closed:
+            log.warning("closed %d run(s) of %s left open by a process that died",
+                        run.stale_runs_closed, spec.job_id)
+        if resuming and cp.last_key is not None:
+            log.info("resuming %s after key %s (chunk %d, %d rows done)", spec.job_id,
+                     cp.last_key_json, cp.chunk_index, cp.processed)
         sink = PgCopySink(tconn, spec.target_table, plan.columns, binary=plan.binary)
         if spec.mode is Mode.REPLACE and not resuming:
             with tconn.transaction():  # emptied once per fresh run, recorded with the checkpoint

@@ -1,8 +1,9 @@
 """Shared fixtures: a real PostgreSQL server and fresh databases per test.
 
-The server is $ETL_TEST_PG_URL when set, else the PostgreSQL listening on
-127.0.0.1:5432 (user postgres, trust) when there is one, else the embedded
-PostgreSQL started in a temporary $ETL_HOME. No mocks anywhere.
+The server is $ETL_TEST_PG_URL when set (the word ``embedded`` forces the
+embedded one), else the PostgreSQL listening on 127.0.0.1:5432 (user postgres,
+trust) when there is one, else the embedded PostgreSQL started in a temporary
+$ETL_HOME — what a fresh machine gets. No mocks anywhere.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ def _reachable(url: str) -> bool:
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of the maintenance database of a real PostgreSQL server."""
     url = os.environ.get("ETL_TEST_PG_URL")
-    if url:
+    if url and url != "embedded":
         yield url
         return
-    if _reachable(LOCAL_PG):
+    if not url and _reachable(LOCAL_PG):
         yield LOCAL_PG
         return
     from etl import embedded

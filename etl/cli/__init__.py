@@ -7,6 +7,7 @@ their class; a traceback appears only with --debug.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -17,10 +18,11 @@ from . import common
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors (and debug logs).")
+@click.option("-v", "--verbose", is_flag=True, help="Log what etl does (on stderr).")
 @click.version_option(package_name="etl", prog_name="etl")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     """Resumable, transactional bulk ETL: copy, archive and load tables in chunks.
 
     Every command works in keyset chunks, one transaction each, with a checkpoint
@@ -33,6 +35,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _register() -> None:

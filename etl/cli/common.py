@@ -75,7 +75,9 @@ def render(result: Result, as_json: bool) -> None:
         if doc["artifacts"].get("report"):
             click.echo(f"  report: {doc['artifacts']['report']}")
         click.echo(f"  full report: etl report {doc['run_id']}")
-    if result.message and result.status.exit_code != 0:
+    if result.message and result.status.exit_code == 1:
         error(result.message)
+    elif result.message and result.status.exit_code != 0:
+        click.echo(f"etl: {result.message}", err=True)
     sys.stdout.flush()
     sys.exit(result.exit_code)
