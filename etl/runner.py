@@ -19,10 +19,11 @@ from .model import Checkpoint, Status
 from .progress import NoProgress, Progress
 
 # Adaptive chunk size (--chunk-size auto): start small, then aim at --chunk-seconds.
-AUTO_FIRST_CHUNK = 10_000          # small enough to learn the rate within a second or two
+AUTO_FIRST_CHUNK = 20_000          # small enough to learn the rate in well under a second
 AUTO_MIN_CHUNK = 1_000             # below this, per-chunk overhead dominates
 AUTO_MAX_CHUNK = 1_000_000         # bounds memory held by one COPY transaction's WAL and locks
-AUTO_MAX_GROWTH = 2.0              # grow at most ×2 per chunk, so one fast chunk cannot overshoot
+AUTO_MAX_GROWTH = 4.0              # grow at most ×4 per chunk: reach the target in a few chunks
+                                   # without one fast chunk overshooting it
 RATE_SMOOTHING = 0.3               # EWMA weight of the newest chunk's rows/s
 DEFAULT_CHUNK_SECONDS = 2.0        # SPEC.md default for --chunk-seconds
 

@@ -1,17 +1,34 @@
 """Database URLs: parsing, masking and conversion to driver connection strings.
 
-Credentials never leave this module unmasked except inside the connection
-string handed to the driver.
+PostgreSQL URLs are parsed by libpq itself (through psycopg), so every libpq
+URI feature works and no SQLAlchemy import is paid on the hot CLI path; other
+databases' URLs are parsed by SQLAlchemy. Credentials never leave this module
+unmasked except inside the connection string handed to the driver.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 from .errors import UsageError
 
+_PG_PREFIX = re.compile(r"^(postgres|postgresql)(\+[a-z0-9_]+)?://", re.IGNORECASE)
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
+_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)([^&\s]*)", re.IGNORECASE)
+
+
+def mask(text: str, *secrets: str | None) -> str:
+    """Hide passwords in URLs found in ``text`` and any literal secret given."""
+    out = _PASSWORD_IN_URL.sub(
+        lambda m: f"{m.group(1)}***{m.group(3)}" if m.group(2) else m.group(0), text)
+    out = _PASSWORD_IN_QUERY.sub(lambda m: f"{m.group(1)}***", out)
+    for secret in secrets:
+        if secret:
+            out = out.replace(secret, "***")
+    return out
 
 
 @dataclass(frozen=True)
@@ -21,36 +38,56 @@ class DbUrl:
     raw: str
 
     @property
-    def _url(self):  # sqlalchemy.engine.URL; imported lazily to keep `import etl` light
+    def is_postgres(self) -> bool:
+        return bool(_PG_PREFIX.match(self.raw))
+
+    @cached_property
+    def _pg_params(self) -> dict[str, Any]:
+        """libpq's own reading of the URL (host, port, user, password, dbname, options …)."""
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
+        uri = _PG_PREFIX.sub("postgresql://", self.raw, count=1)
+        try:
+            return dict(conninfo_to_dict(uri))
+        except psycopg.ProgrammingError as exc:
+            raise UsageError(
+                f"invalid database URL {mask(self.raw)!r}: expected e.g. "
+                "postgresql://user:password@host:5432/dbname"
+            ) from exc
+
+    @cached_property
+    def _sa_url(self) -> Any:  # sqlalchemy.engine.URL, for the other databases
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError
 
-        text = self.raw
-        if text.startswith("postgres://"):
-            text = "postgresql://" + text[len("postgres://"):]
         try:
-            return make_url(text)
+            return make_url(self.raw)
         except ArgumentError as exc:
             raise UsageError(
                 f"invalid database URL {mask(self.raw)!r}: expected e.g. "
                 "postgresql://user:password@host:5432/dbname"
             ) from exc
 
-    @property
-    def backend(self) -> str:
-        return self._url.get_backend_name()
+    def validate(self) -> DbUrl:
+        _ = self._pg_params if self.is_postgres else self._sa_url
+        return self
 
     @property
-    def is_postgres(self) -> bool:
-        return self.backend == "postgresql"
+    def backend(self) -> str:
+        return "postgresql" if self.is_postgres else str(self._sa_url.get_backend_name())
 
     @property
     def masked(self) -> str:
-        return self._url.render_as_string(hide_password=True)
+        return mask(self.raw, self.password)
 
     @property
     def password(self) -> str | None:
-        return self._url.password
+        if self.is_postgres:
+            value = self._pg_params.get("password")
+        else:
+            value = self._sa_url.password
+        return str(value) if value else None
 
     def conninfo(self, **extra: str) -> str:
         """A libpq connection string for psycopg (PostgreSQL URLs only)."""
@@ -58,47 +95,28 @@ class DbUrl:
 
         if not self.is_postgres:
             raise UsageError(
-                f"{self.masked} is not a PostgreSQL URL; this command needs postgresql://…"
-            )
-        u = self._url
-        params: dict[str, str] = {}
-        if u.host:
-            params["host"] = u.host
-        if u.port:
-            params["port"] = str(u.port)
-        if u.username:
-            params["user"] = u.username
-        if u.password is not None:
-            params["password"] = str(u.password)
-        if u.database:
-            params["dbname"] = u.database
-        for key, value in u.query.items():
-            params[key] = value if isinstance(value, str) else value[-1]
-        params.update(extra)
-        return make_conninfo("", **params)
+                f"{self.masked} is not a PostgreSQL URL; this command needs postgresql://…")
+        return make_conninfo("", **{**self._pg_params, **extra})
+
+    def _identity(self) -> tuple[str, str, str, str | None]:
+        if self.is_postgres:
+            p = self._pg_params
+            return ("postgresql", str(p.get("host") or ""), str(p.get("port") or "5432"),
+                    p.get("dbname") or p.get("user"))
+        u = self._sa_url
+        return (str(u.get_backend_name()), u.host or "", str(u.port or ""), u.database)
 
     def same_database(self, other: DbUrl) -> bool:
-        a, b = self._url, other._url
-        return (a.get_backend_name(), a.host or "", a.port or 5432, a.database) == (
-            b.get_backend_name(), b.host or "", b.port or 5432, b.database)
+        return self._identity() == other._identity()
 
     def __str__(self) -> str:
         return self.masked
 
 
-def mask(text: str, *secrets: str | None) -> str:
-    """Hide passwords in URLs found in ``text`` and any literal secret given."""
-    out = _PASSWORD_IN_URL.sub(lambda m: f"{m.group(1)}***{m.group(3)}" if m.group(2) else m.group(0), text)
-    for secret in secrets:
-        if secret:
-            out = out.replace(secret, "***")
-    return out
-
-
 def parse(raw: str | DbUrl) -> DbUrl:
-    url = raw if isinstance(raw, DbUrl) else DbUrl(raw)
-    _ = url._url  # validate now, so a bad URL is a usage error at the edge
-    return url
+    """A validated DbUrl: a malformed URL is a usage error at the edge."""
+    url = raw if isinstance(raw, DbUrl) else DbUrl(raw.strip())
+    return url.validate()
 
 
 __all__ = ["DbUrl", "mask", "parse"]

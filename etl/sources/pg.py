@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     import psycopg
     from psycopg import sql as sqlmod
 
+# Rows are handed to the target in blocks of about this size (fewer, larger writes).
+COPY_BLOCK_BYTES = 256 * 1024
+
 
 @dataclass(frozen=True)
 class Bound:
@@ -71,21 +74,26 @@ class KeysetQuery:
         return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
 
     def bound_sql(self, has_lower: bool) -> sqlmod.Composed:
-        """The last key among the next ``limit`` keys after the lower bound."""
+        """The last key among the next ``limit`` keys after the lower bound.
+
+        The text and JSON forms are computed for that one key only, outside both
+        LIMITs; the inner walk reads nothing but the key index.
+        """
         from psycopg import sql
 
         keys = sql.SQL(", ").join(sql.Identifier(k.name) for k in self.key)
-        # qualified with the subquery's alias: a bare name in ORDER BY would bind to the
-        # ::text output column of the same name and sort the keys as text
-        outer = [sql.Identifier("chunk", k.name) for k in self.key]
-        desc = sql.SQL(", ").join(sql.SQL("{} DESC").format(o) for o in outer)
-        as_text = sql.SQL(", ").join(sql.SQL("{}::text").format(o) for o in outer)
-        as_json = sql.SQL("jsonb_build_array({})").format(sql.SQL(", ").join(outer))
+        # qualified with their subquery's alias, so ORDER BY cannot bind to an output column
+        chunk = [sql.Identifier("chunk", k.name) for k in self.key]
+        last = [sql.Identifier("last", k.name) for k in self.key]
         return sql.SQL(
-            "SELECT {as_text}, {as_json} FROM (SELECT {keys} FROM {table}{filter} "
-            "ORDER BY {keys} LIMIT %(limit)s) AS chunk ORDER BY {desc} LIMIT 1"
-        ).format(as_text=as_text, as_json=as_json, keys=keys, table=self._ident(),
-                 filter=self._filter(has_lower, False), desc=desc)
+            "SELECT {as_text}, jsonb_build_array({last}) FROM ("
+            "SELECT {chunk} FROM (SELECT {keys} FROM {table}{filter} ORDER BY {keys} "
+            "LIMIT %(limit)s) AS chunk ORDER BY {desc} LIMIT 1) AS last"
+        ).format(
+            as_text=sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in last),
+            last=sql.SQL(", ").join(last), chunk=sql.SQL(", ").join(chunk), keys=keys,
+            table=self._ident(), filter=self._filter(has_lower, False),
+            desc=sql.SQL(", ").join(sql.SQL("{} DESC").format(k) for k in chunk))
 
     def select_sql(self, has_lower: bool, has_upper: bool = True) -> sqlmod.Composed:
         from psycopg import sql
@@ -146,13 +154,24 @@ class PgKeysetSource:
         return Bound(tuple(row[:-1]), list(row[-1]))
 
     def copy_out(self, after: tuple[str, ...] | None, upto: Bound) -> Iterator[bytes]:
-        """The chunk's rows as COPY data blocks (binary or text format)."""
+        """The chunk's rows as COPY data, in blocks of about ``COPY_BLOCK_BYTES``.
+
+        The server sends one message per row; gathering them into blocks makes
+        the writer's per-call cost (and the checksum's) per block, not per row.
+        """
+        buf = bytearray()
         with self.conn.cursor() as cur, cur.copy(
             self.query.copy_out_sql(after is not None, self.binary),
             self.query.params(after, upto.text),
         ) as copy:
-            for block in copy:
-                yield bytes(block)
+            read = copy.read
+            while data := read():
+                buf += data
+                if len(buf) >= COPY_BLOCK_BYTES:
+                    yield bytes(buf)
+                    buf.clear()
+        if buf:
+            yield bytes(buf)
 
     def end_chunk(self) -> None:
         """Close the read transaction so no snapshot is held between chunks."""

@@ -79,7 +79,7 @@ def test_classification_by_sqlstate() -> None:
 def test_auto_chunk_size_adapts_toward_target_seconds() -> None:
     sizer = ChunkSizer(Pacing(chunk_seconds=2.0))
     assert sizer.next_size() == AUTO_FIRST_CHUNK
-    for _ in range(10):  # 100k rows/s → 200k rows per 2 s, reached by doubling
+    for _ in range(10):  # 100k rows/s → 200k rows per 2 s, reached by growing at most ×4 a chunk
         size = sizer.next_size()
         sizer.observe(size, size / 100_000)
     assert sizer.next_size() == 200_000
