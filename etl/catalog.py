@@ -11,8 +11,9 @@ from .model import Column, TableName
 if TYPE_CHECKING:
     import psycopg
 
-# Above this many rows (pg_class.reltuples), the total is estimated instead of counted.
-EXACT_COUNT_LIMIT = 2_000_000
+# Above this many rows (pg_class.reltuples), the total is estimated instead of counted:
+# a count(*) of more would cost a noticeable share of the copy itself.
+EXACT_COUNT_LIMIT = 500_000
 
 
 @dataclass(frozen=True)

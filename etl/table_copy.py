@@ -170,9 +170,13 @@ def describe_plan(plan: CopyPlan, checkpoint: Checkpoint | None, remaining: int,
         lines.append(f"resume:       after key {list(checkpoint.last_key)} "
                      f"(chunk {checkpoint.chunk_index}, {checkpoint.processed:,} rows done)")
     about = "" if exact else "~"
-    chunks = -(-remaining // chunk_size) if remaining else 0
-    lines.append(f"rows to copy: {about}{remaining:,} in {about}{chunks:,} chunk(s) of "
-                 f"{'up to ' if spec.pacing.chunk_size else 'about (auto) '}{chunk_size:,}")
+    if spec.pacing.chunk_size:
+        chunks = -(-remaining // chunk_size) if remaining else 0
+        lines.append(f"rows to copy: {about}{remaining:,} in {about}{chunks:,} chunk(s) "
+                     f"of up to {chunk_size:,}")
+    else:
+        lines.append(f"rows to copy: {about}{remaining:,}; chunk size auto: starts at "
+                     f"{chunk_size:,} rows and adapts toward {spec.pacing.chunk_seconds:g} s a chunk")
     if plan.ddl:
         lines.append("target DDL:")
         lines.extend(f"  {stmt};" for stmt in plan.ddl)
