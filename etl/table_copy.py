@@ -93,6 +93,7 @@ def make_plan(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connecti
     key = tuple(info.column(k) for k in key_names)
     if spec.where:
         _check_where(sconn, spec)
+    _refuse_null_keys(sconn, spec, key)
     ddl: tuple[str, ...] = ()
     binary = True
     target_exists = catalog.table_oid(tconn, spec.target_table) is not None
@@ -132,6 +133,24 @@ def _check_where(sconn: psycopg.Connection, spec: CopySpec) -> None:
         sconn.rollback()
         raise UsageError(f"--where {spec.where!r} is not valid on {spec.table}: "
                          f"{pg.describe_error(exc)}") from exc
+
+
+def _refuse_null_keys(sconn: psycopg.Connection, spec: CopySpec, key: tuple[Column, ...]) -> None:
+    """Rows whose key is NULL can never be reached by keyset chunks: refuse rather than skip them."""
+    from psycopg import sql
+
+    nullable = [k for k in key if not k.not_null]
+    if not nullable:
+        return
+    cond = sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier(k.name)) for k in nullable)
+    where = sql.SQL(" AND ({})").format(sql.SQL(spec.where)) if spec.where else sql.SQL("")  # type: ignore[arg-type]
+    row = sconn.execute(sql.SQL("SELECT count(*) FROM {} WHERE ({}){}").format(
+        sql.Identifier(spec.table.schema, spec.table.name), cond, where)).fetchone()
+    if row and row[0]:
+        raise UsageError(
+            f"{row[0]:,} row(s) of {spec.table} have a NULL in the key column(s) "
+            f"{', '.join(k.name for k in nullable)}; keyset chunks cannot reach them. Choose a "
+            "--key of NOT NULL column(s), or exclude those rows with --where")
 
 
 def _target_ddl(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connection,
@@ -271,6 +290,8 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
         if spec.restart:
             run.store.delete_checkpoint(spec.job_id)
         found = read_checkpoint(run.store.conn, spec.job_id, spec.state_schema)
+        if found is not None and found[1] and spec.mode is Mode.REPLACE:
+            found = None  # the last replace finished: this run is a fresh one, and empties again
         resuming = found is not None
         cp = found[0] if found else Checkpoint(job_id=spec.job_id, chunk_index=0, last_key=None,
                                                run_id=run.run_id)

@@ -119,3 +119,29 @@ def test_schema_applied_once_and_versioned(dst: str) -> None:
     assert scalar(dst, "SELECT count(*) FROM etl.schema_version") == schema.latest_version()
     for table in ("jobs", "runs", "checkpoints", "dead_letters", "control_requests"):
         assert scalar(dst, f"SELECT to_regclass('etl.{table}')::text") == f"etl.{table}"
+
+
+def test_replace_after_a_finished_run_starts_fresh(src: str, dst: str) -> None:
+    _events(src, 100)
+    assert etl.copy(source=src, target=dst, table="ev", mode="replace").succeeded == 100
+    execute(src, "DELETE FROM ev WHERE id <= 10")
+    again = etl.copy(source=src, target=dst, table="ev", mode="replace")
+    assert again.status is etl.Status.COMPLETED and again.succeeded == 90
+    assert fingerprint(dst, "ev") == fingerprint(src, "ev")
+
+
+def test_nullable_key_with_nulls_is_refused(src: str, dst: str) -> None:
+    execute(src, "CREATE TABLE t (code text UNIQUE, v int); "
+                 "INSERT INTO t VALUES ('a', 1), (NULL, 2), ('b', 3)")
+    with pytest.raises(etl.UsageError, match="NULL in the key"):
+        etl.copy(source=src, target=dst, table="t", key="code")
+    ok = etl.copy(source=src, target=dst, table="t", key="code", where="code IS NOT NULL")
+    assert ok.succeeded == 2
+
+
+def test_non_unique_key_never_splits_equal_keys(src: str, dst: str) -> None:
+    execute(src, "CREATE TABLE t (day int NOT NULL, v int); "
+                 "INSERT INTO t SELECT g / 37, g FROM generate_series(1, 1000) g")
+    result = etl.copy(source=src, target=dst, table="t", key="day", chunk_size=10)
+    assert result.status is etl.Status.COMPLETED and result.succeeded == 1000
+    assert fingerprint(dst, "t") == fingerprint(src, "t")
