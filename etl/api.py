@@ -12,7 +12,7 @@ from . import options as opt
 from .errors import UsageError
 from .model import Mode, TableName
 from .report import Result
-from .runner import DEFAULT_CHUNK_SECONDS, Pacing, StopFlag
+from .runner import DEFAULT_CHUNK_SECONDS, Pacing, StopFlag, stop_on_signals
 from .state.schema import DEFAULT_SCHEMA
 from .urls import DbUrl, parse
 
@@ -89,19 +89,24 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
         create=create, restart=restart, pacing=pacing, state_schema=state_schema,
     )
     prog = _progress(progress)
-    sconn = pg.connect(spec.source, "source", autocommit=True)
-    try:
-        tconn = pg.connect(spec.target, "target", autocommit=True)
+    stop = stop if stop is not None else StopFlag()
+    # SIGINT/SIGTERM from here on stop the run at a chunk boundary (exit 4), even when they
+    # arrive while connecting or planning
+    with stop_on_signals(stop):
+        sconn = pg.connect(spec.source, "source", autocommit=True)
         try:
-            plan = table_copy.make_plan(spec, sconn, tconn)
-            if dry_run:
-                return _dry_run(plan, sconn)
-            with JobRun(state_url, spec.job_id, "copy", spec.args(), schema=state_schema) as run:
-                result = table_copy.execute(plan, run, sconn, tconn, progress=prog, stop=stop)
+            tconn = pg.connect(spec.target, "target", autocommit=True)
+            try:
+                plan = table_copy.make_plan(spec, sconn, tconn)
+                if dry_run:
+                    return _dry_run(plan, sconn)
+                with JobRun(state_url, spec.job_id, "copy", spec.args(),
+                            schema=state_schema) as run:
+                    result = table_copy.execute(plan, run, sconn, tconn, progress=prog, stop=stop)
+            finally:
+                tconn.close()
         finally:
-            tconn.close()
-    finally:
-        sconn.close()
+            sconn.close()
     if report:
         result.write(report)
     return result

@@ -23,8 +23,12 @@ _ROLE_ERRORS: dict[str, type[EtlError]] = {
 
 
 def application_name(role: str) -> str:
-    """Identifies an `etl` session in pg_stat_activity: role, host and pid."""
-    return f"etl:{role}:{socket.gethostname()}:{os.getpid()}"[:63]
+    """Identifies an `etl` session in pg_stat_activity: ``etl:ROLE:PID:HOST``.
+
+    PostgreSQL keeps 63 bytes; the pid comes before the host so a long host
+    name can only lose its own tail.
+    """
+    return f"etl:{role}:{os.getpid()}:{socket.gethostname()}"[:63]
 
 
 def connect(url: DbUrl, role: str, *, autocommit: bool = False) -> psycopg.Connection:
@@ -52,15 +56,8 @@ def connect(url: DbUrl, role: str, *, autocommit: bool = False) -> psycopg.Conne
 
 
 def describe_error(exc: BaseException, url: DbUrl | None = None) -> str:
-    """One line for a driver error: SQLSTATE, message and the server's detail/hint."""
-    parts = [" ".join(str(exc).split())]
-    diag = getattr(exc, "diag", None)
-    if diag is not None:
-        if getattr(diag, "message_detail", None):
-            parts.append(f"detail: {diag.message_detail}")
-        if getattr(diag, "message_hint", None):
-            parts.append(f"hint: {diag.message_hint}")
-    text = "; ".join(p for p in parts if p)
+    """One line for a driver error: SQLSTATE, message and the server's detail/hint, masked."""
+    text = " ".join(str(exc).split())  # libpq's text already carries DETAIL, HINT and CONTEXT
     state = getattr(exc, "sqlstate", None)
     if state:
         text = f"[{state}] {text}"

@@ -18,13 +18,16 @@ from . import catalog, pg
 from .errors import EtlError, TargetError, UsageError
 from .model import Checkpoint, Column, Mode, Status, TableName
 from .report import Result, RowError, utc_now
-from .runner import Pacing, StepOutcome, StopFlag, run_loop, stop_on_signals
+from .runner import Pacing, StepOutcome, StopFlag, run_loop
 from .sinks.pg_copy import PgCopySink
 from .sources.pg import KeysetQuery, PgKeysetSource
 from .state.store import read_checkpoint, write_checkpoint
 from .urls import DbUrl
 
 log = logging.getLogger(__name__)
+
+# Serialises the creation of target tables, schemas and types by concurrent etl processes.
+_TARGET_DDL_LOCK_ID = 0x6574_6C5F_6464_6C  # "etl_ddl"
 
 if TYPE_CHECKING:
     import psycopg
@@ -217,15 +220,28 @@ def count_remaining(sconn: psycopg.Connection, plan: CopyPlan,
 
 
 def prepare_target(tconn: psycopg.Connection, plan: CopyPlan) -> None:
-    """Create the target table (and its schema and user types) in one transaction."""
+    """Create the target table (and its schema and user types) in one transaction.
+
+    Several copies may start at once into the same new schema: the DDL runs
+    under a transaction-level advisory lock, and an object another process has
+    just created is taken as it is.
+    """
+    import psycopg
+    from psycopg import errors
+
     if not plan.ddl:
         return
     log.info("creating target table %s from the source's definition", plan.spec.target_table)
     try:
         with tconn.transaction():
+            tconn.execute("SELECT pg_advisory_xact_lock(%s)", (_TARGET_DDL_LOCK_ID,))
             for stmt in plan.ddl:
-                tconn.execute(stmt.encode())
-    except Exception as exc:
+                try:
+                    with tconn.transaction():  # a savepoint per statement
+                        tconn.execute(stmt.encode())
+                except (errors.DuplicateObject, errors.DuplicateTable, errors.DuplicateSchema):
+                    log.info("already created by another process: %s", stmt.split("(")[0])
+    except psycopg.Error as exc:
         raise TargetError(f"could not create target table {plan.spec.target_table}: "
                           f"{pg.describe_error(exc, plan.spec.target)}") from exc
 
@@ -287,9 +303,11 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
     cp: Checkpoint | None = None
     try:
         prepare_target(tconn, plan)
-        if spec.restart:
-            run.store.delete_checkpoint(spec.job_id)
-        found = read_checkpoint(run.store.conn, spec.job_id, spec.state_schema)
+        # --restart (and a replace after a finished run) start from nothing, but the old
+        # checkpoint stays until the first chunk's transaction overwrites it: a restart
+        # that fails before then leaves the job resumable as it was
+        found = None if spec.restart else read_checkpoint(run.store.conn, spec.job_id,
+                                                           spec.state_schema)
         if found is not None and found[1] and spec.mode is Mode.REPLACE:
             found = None  # the last replace finished: this run is a fresh one, and empties again
         resuming = found is not None
@@ -315,9 +333,8 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
         step = CopyStep(plan, source, sink, tconn, run,
                         replay_guard=resuming and not spec.state_in_target
                         and spec.mode is Mode.APPEND)
-        with stop_on_signals(stop):
-            loop = run_loop(step, cp, spec.pacing, stop=stop, progress=progress,
-                            on_chunk=lambda _outcome: run.store.heartbeat(run.run_id))
+        loop = run_loop(step, cp, spec.pacing, stop=stop, progress=progress,
+                        on_chunk=lambda _outcome: run.store.heartbeat(run.run_id))
         cp = loop.checkpoint
         result.status, result.message = loop.status, loop.message
         result.rows_this_run = loop.rows

@@ -46,6 +46,7 @@ def holder_of(conn: psycopg.Connection, key: int) -> str:
         """SELECT a.application_name, a.client_addr::text, a.pid
            FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
              AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid
            LIMIT 1""",
         (unsigned >> 32, unsigned & 0xFFFF_FFFF),
@@ -53,7 +54,7 @@ def holder_of(conn: psycopg.Connection, key: int) -> str:
     if row is None:
         return "holder unknown"
     app, client, backend = row
-    parts = (app or "").split(":")
-    if len(parts) >= 4 and parts[0] == "etl":
-        return f"held by host {parts[2]}, pid {parts[3]}"
+    parts = (app or "").split(":", 3)  # etl:ROLE:PID:HOST (see pg.application_name)
+    if len(parts) == 4 and parts[0] == "etl" and parts[2].isdigit():
+        return f"held by host {parts[3]}, pid {parts[2]}"
     return f"held by database session {backend} from {client or 'local socket'} ({app or 'no application_name'})"

@@ -144,9 +144,6 @@ class StateStore:
         ).fetchone()
         return (row[0], int(row[1]), row[2]) if row else None
 
-    def delete_checkpoint(self, job_id: str) -> None:
-        self._exec("DELETE FROM {s}.checkpoints WHERE job_id = %s", (job_id,))
-
     # -- reading, for `etl runs`, `etl report`, `etl status` -------------------
     def report(self, run_id: str) -> dict[str, Any] | None:
         import uuid

@@ -103,7 +103,7 @@ def test_second_run_of_same_job_is_locked(src: str, dst: str) -> None:
     from etl.state import lock
 
     etl.copy(source=src, target=dst, table="ev", dry_run=False)
-    with psycopg.connect(dst, autocommit=True, application_name="etl:state:otherhost:4242") as holder:
+    with psycopg.connect(dst, autocommit=True, application_name="etl:state:4242:otherhost") as holder:
         lock.acquire(holder, "copy:public.ev")
         with pytest.raises(etl.JobLockedError) as info:
             etl.copy(source=src, target=dst, table="ev")
