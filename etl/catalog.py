@@ -163,7 +163,7 @@ def _create_type_sql(schema: str, name: str, kind: str, labels: list[str] | None
     return sql.SQL(" ").join(parts).as_string(None)
 
 
-def create_table_sql(target: TableName, columns: tuple[Column, ...], key: tuple[str, ...],
+def create_table_sql(target: TableName, columns: tuple[Column, ...],
                      primary_key: tuple[str, ...]) -> str:
     """CREATE TABLE for the target: columns, exact types, NOT NULL and the primary key."""
     from psycopg import sql

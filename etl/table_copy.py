@@ -127,12 +127,13 @@ def make_plan(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connecti
 
 def _check_where(sconn: psycopg.Connection, spec: CopySpec) -> None:
     """Run the filter once on no rows, so a typo is a clear usage error before any write."""
+    import psycopg
     from psycopg import sql
 
     try:
         sconn.execute(sql.SQL("SELECT 1 FROM {} WHERE ({}) LIMIT 0").format(
             sql.Identifier(spec.table.schema, spec.table.name), sql.SQL(spec.where)))  # type: ignore[arg-type]
-    except Exception as exc:
+    except psycopg.Error as exc:
         sconn.rollback()
         raise UsageError(f"--where {spec.where!r} is not valid on {spec.table}: "
                          f"{pg.describe_error(exc)}") from exc
@@ -168,7 +169,7 @@ def _target_ddl(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connec
             stmts.append(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
                 sql.Identifier(schema)).as_string(None))
             stmts.append(create)
-    stmts.append(catalog.create_table_sql(spec.target_table, columns, (), primary_key))
+    stmts.append(catalog.create_table_sql(spec.target_table, columns, primary_key))
     return tuple(dict.fromkeys(stmts))
 
 
@@ -202,10 +203,11 @@ def describe_plan(plan: CopyPlan, checkpoint: Checkpoint | None, remaining: int,
     if plan.ddl:
         lines.append("target DDL:")
         lines.extend(f"  {stmt};" for stmt in plan.ddl)
+    # shown as the server runs them: %(name)s are the chunk's parameters, %% a literal %
     lines.append("chunk bound SQL (per chunk):")
-    lines.append(f"  {q.bound_sql(True).as_string(None)};")
+    lines.append(f"  {q.bound_sql(True).as_string(None).replace('%%', '%')};")
     lines.append("chunk COPY SQL (per chunk):")
-    lines.append(f"  {q.copy_out_sql(True, plan.binary).as_string(None)};")
+    lines.append(f"  {q.copy_out_sql(True, plan.binary).as_string(None).replace('%%', '%')};")
     lines.append("dry run: nothing was written")
     return "\n".join(lines)
 

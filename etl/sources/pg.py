@@ -67,8 +67,9 @@ class KeysetQuery:
         if upper:
             conds.append(sql.SQL("{} <= {}").format(self._key_row(), self._params_row("hi")))
         if self.where:
-            # operator-supplied SQL (documented as trusted); parenthesised so OR cannot leak
-            conds.append(sql.SQL("({})").format(sql.SQL(self.where)))  # type: ignore[arg-type]
+            # operator-supplied SQL (documented as trusted); parenthesised so OR cannot leak,
+            # and its % signs doubled: these statements also carry %(name)s parameters
+            conds.append(sql.SQL("({})").format(sql.SQL(self.where.replace("%", "%%"))))  # type: ignore[arg-type]
         if not conds:
             return sql.Composed([])
         return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)

@@ -242,3 +242,13 @@ def test_dry_run_writes_nothing(src: str, dst: str) -> None:
     assert "CREATE TABLE" in out and "COPY (SELECT" in out and "nothing was written" in out
     assert scalar(dst, "SELECT to_regclass('public.ev')") is None
     assert scalar(dst, "SELECT to_regnamespace('etl')") is None
+
+
+def test_where_with_percent_signs_and_or(src: str, dst: str) -> None:
+    execute(src, "CREATE TABLE people (id int PRIMARY KEY, name text); "
+                 "INSERT INTO people SELECT g, CASE WHEN g % 2 = 0 THEN 'ann' || g ELSE 'bob' || g END "
+                 "FROM generate_series(1, 300) g")
+    result = etl.copy(source=src, target=dst, table="people", chunk_size=40,
+                      where="name LIKE 'ann%' OR id % 100 = 1")
+    assert result.status is etl.Status.COMPLETED, result.message
+    assert scalar(dst, "SELECT count(*) FROM people") == 150 + 3 == result.total_items
