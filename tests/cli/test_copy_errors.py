@@ -105,3 +105,21 @@ def test_every_command_has_help() -> None:
         proc = run_etl(*args)
         assert proc.returncode == 0, args
         assert "Usage:" in proc.stdout
+
+
+def test_password_never_reaches_output_reports_or_state(src: str, dst: str, tmp_path) -> None:
+    """Trust auth accepts any password, so a real run can carry one end to end."""
+    secret = "Top$ecret-91"
+    with_pw = [u.replace("postgres@", f"postgres:{secret}@", 1) for u in (src, dst)]
+    assert all(secret in u for u in with_pw)
+    execute(src, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 50)")
+    report = tmp_path / "report.json"
+    proc = run_etl("-v", "copy", "--source", with_pw[0], "--target", with_pw[1], "--table", "t",
+                   "--json", "--report", str(report), "--progress")
+    assert proc.returncode == 0, proc.stderr
+    dry = run_etl("copy", "--source", with_pw[0], "--target", with_pw[1], "--table", "t", "--dry-run")
+    stored = scalar(dst, "SELECT string_agg(args::text, ' ') FROM etl.jobs") + \
+        scalar(dst, "SELECT string_agg(report::text, ' ') FROM etl.runs")
+    for text in (proc.stdout, proc.stderr, report.read_text(), dry.stdout, dry.stderr, stored):
+        assert secret not in text
+    assert "postgres:***@" in proc.stdout
