@@ -49,6 +49,14 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
     crash at any instant leaves both or neither. Running the same job again
     resumes after the last committed chunk; ``restart=True`` starts over.
 
+    Options mirror `etl copy`: ``source``/``target`` are URLs (None: the embedded
+    PostgreSQL), ``table``/``to_table`` are ``[schema.]name``, ``key``/``columns``
+    are ``"a,b"`` or lists, ``chunk_size`` an int or ``"auto"``, ``max_runtime``
+    seconds or a duration such as ``"5m"``. ``progress`` is False (silent, the
+    default), True (bar or lines on stderr), or any object with the
+    :class:`etl.progress.Progress` methods. ``stop`` is a :class:`etl.runner.StopFlag`
+    another thread may set to stop at the next chunk boundary.
+
     Raises :class:`etl.UsageError` (bad options) or another :class:`etl.EtlError`
     when the job cannot start (unreachable database, missing table, job locked).
     Once running, failures end in the returned Result (``status`` ``failed``).
