@@ -96,6 +96,8 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
         columns=opt.parse_names(columns, "--columns"), where=where or None, mode=parsed_mode,
         create=create, restart=restart, pacing=pacing, state_schema=state_schema,
     )
+    if report:
+        _check_writable(Path(report))
     prog = _progress(progress)
     stop = stop if stop is not None else StopFlag()
     # SIGINT/SIGTERM from here on stop the run at a chunk boundary (exit 4), even when they
@@ -110,7 +112,8 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
                     return _dry_run(plan, sconn)
                 with JobRun(state_url, spec.job_id, "copy", spec.args(),
                             schema=state_schema) as run:
-                    result = table_copy.execute(plan, run, sconn, tconn, progress=prog, stop=stop)
+                    result = table_copy.execute(plan, run, sconn, tconn, progress=prog, stop=stop,
+                                                report_path=str(report) if report else None)
             finally:
                 tconn.close()
         finally:
@@ -118,6 +121,18 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
     if report:
         result.write(report)
     return result
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the run, not after it, when --report cannot be written."""
+    import os
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--report {path}: cannot create its directory ({exc.strerror})") from exc
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UsageError(f"--report {path}: not a writable file path")
 
 
 def _progress(progress: bool | Progress | None) -> Progress:

@@ -290,7 +290,8 @@ class CopyStep:
 
 
 def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psycopg.Connection,
-            *, progress: Progress, stop: StopFlag | None = None) -> Result:
+            *, progress: Progress, stop: StopFlag | None = None,
+            report_path: str | None = None) -> Result:
     """Run the planned copy under ``run`` (lock held). Failures end in the Result, not raised."""
     spec = plan.spec
     stop = stop if stop is not None else StopFlag()
@@ -301,6 +302,7 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
                             "key": [k.name for k in plan.key],
                             "copy_format": "binary" if plan.binary else "text"})
     result.artifacts["dead_letters"] = f"{spec.state_schema}.dead_letters (job_id = {spec.job_id!r})"
+    result.artifacts["report"] = report_path
     t0 = time.monotonic()
     cp: Checkpoint | None = None
     try:

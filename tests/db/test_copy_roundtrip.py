@@ -220,6 +220,10 @@ def test_cli_json_report_and_state_store_views(src: str, dst: str, tmp_path) -> 
     stored = run_etl("report", doc["run_id"], "--state", dst)
     assert stored.returncode == 0, stored.stderr
     assert json.loads(stored.stdout)["summary"] == doc["summary"]
+    assert json.loads(stored.stdout)["artifacts"]["report"] == str(report_path)
+    unwritable = run_etl("copy", "--source", src, "--target", dst, "--table", "ev",
+                         "--report", str(tmp_path))  # a directory
+    assert unwritable.returncode == 2 and "--report" in unwritable.stderr
     runs = run_etl("runs", "--state", dst)
     assert doc["run_id"] in runs.stdout and "completed" in runs.stdout
     status = run_etl("status", "--state", dst, "--json")
