@@ -12,8 +12,10 @@ from . import options as opt
 from .errors import UsageError
 from .model import Mode, TableName
 from .report import Result
+from .retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS, RetryPolicy
 from .runner import DEFAULT_CHUNK_SECONDS, Pacing, StopFlag, stop_on_signals
 from .state.schema import DEFAULT_SCHEMA
+from .table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS
 from .urls import DbUrl, parse
 
 if TYPE_CHECKING:
@@ -39,7 +41,10 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
          state: str | DbUrl | None = None, state_schema: str = DEFAULT_SCHEMA,
          chunk_size: int | str | None = "auto", chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
          max_rate: float | None = None, sleep: float | None = None,
-         max_runtime: str | float | None = None, dry_run: bool = False, restart: bool = False,
+         max_runtime: str | float | None = None, retries: int = DEFAULT_RETRIES,
+         retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
+         lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
+         dry_run: bool = False, restart: bool = False,
          report: str | Path | None = None, progress: bool | Progress | None = False,
          stop: StopFlag | None = None) -> Result:
     """Copy ``table`` from ``source`` to ``target`` in keyset chunks; resumable.
@@ -52,7 +57,11 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
     Options mirror `etl copy`: ``source``/``target`` are URLs (None: the embedded
     PostgreSQL), ``table``/``to_table`` are ``[schema.]name``, ``key``/``columns``
     are ``"a,b"`` or lists, ``chunk_size`` an int or ``"auto"``, ``max_runtime``
-    seconds or a duration such as ``"5m"``. ``progress`` is False (silent, the
+    seconds or a duration such as ``"5m"``. A chunk that fails transiently (lost
+    connection, deadlock, lock timeout …) is retried up to ``retries`` times with
+    exponential backoff and jitter capped at ``retry_max_wait``, reconnecting when
+    needed; ``lock_timeout`` bounds each wait for a lock on the target (None: no
+    limit). ``progress`` is False (silent, the
     default), True (bar or lines on stderr), or any object with the
     :class:`etl.progress.Progress` methods. ``stop`` is a :class:`etl.runner.StopFlag`
     another thread may set to stop at the next chunk boundary.
@@ -74,6 +83,10 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
         sleep=opt.non_negative(sleep, "--sleep"),
         max_runtime=opt.parse_duration(max_runtime, "--max-runtime"),
     )
+    if retries < 0:
+        raise UsageError("--retries must be 0 or more")
+    retry = RetryPolicy(retries=retries, max_wait=opt.parse_duration(
+        retry_max_wait, "--retry-max-wait") or DEFAULT_RETRY_MAX_WAIT_SECONDS)
     src = resolve_url(source)
     tgt = resolve_url(target)
     for url, role in ((src, "--source"), (tgt, "--target")):
@@ -94,7 +107,8 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
         source=src, target=tgt, state=state_url, table=src_table, target_table=dst_table,
         job_id=job or f"copy:{dst_table}", key=opt.parse_names(key, "--key"),
         columns=opt.parse_names(columns, "--columns"), where=where or None, mode=parsed_mode,
-        create=create, restart=restart, pacing=pacing, state_schema=state_schema,
+        create=create, restart=restart, pacing=pacing, retry=retry,
+        lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"), state_schema=state_schema,
     )
     if report:
         _check_writable(Path(report))
@@ -105,7 +119,8 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
     with stop_on_signals(stop):
         sconn = pg.connect(spec.source, "source", autocommit=True)
         try:
-            tconn = pg.connect(spec.target, "target", autocommit=True)
+            tconn = pg.connect(spec.target, "target", autocommit=True,
+                               settings=spec.target_settings)
             try:
                 plan = table_copy.make_plan(spec, sconn, tconn)
                 if dry_run:

@@ -6,7 +6,8 @@
     ├── JobLockedError           exit 75 another run holds the job
     ├── SourceError              exit 1  reading failed (missing table, connection, auth …)
     ├── TargetError              exit 1  writing failed
-    └── StateStoreError          exit 1  the state store could not be read or written
+    ├── StateStoreError          exit 1  the state store could not be read or written
+    └── ConnectionLostError      exit 1  a reconnect during a run failed (transient: retried)
 
 Every message says what to do next. Driver exceptions are wrapped at the
 boundary (``raise … from exc``) and classified by SQLSTATE, never by text.
@@ -69,6 +70,12 @@ class TargetError(EtlError):
 
 class StateStoreError(EtlError):
     """The state store could not be created, read or written."""
+
+
+class ConnectionLostError(EtlError):
+    """A connection dropped during a run could not be opened again (yet); retried as transient."""
+
+    category = Category.TRANSIENT
 
 
 def sqlstate_of(exc: BaseException) -> str | None:

@@ -51,6 +51,31 @@ class JobRun:
         self._store = store
         return self
 
+    def ensure_connected(self) -> None:
+        """Reopen the state-store connection if it dropped, and take the job's lock again.
+
+        The lock went with the old session; if another run took it meanwhile,
+        this run must not write another chunk (JobLockedError).
+        """
+        if pg.is_usable(self.store.conn):
+            return
+        conn = pg.connect(self.state_url, "state", autocommit=True, reconnect=True)
+        try:
+            lock.acquire(conn, self.job_id)
+        except BaseException:
+            conn.close()
+            raise
+        self.store.conn = conn
+
+    def heartbeat(self) -> None:
+        """Mark the run alive; a dropped state connection is reopened by the next chunk."""
+        import psycopg
+
+        try:
+            self.store.heartbeat(self.run_id)
+        except psycopg.OperationalError:
+            pass
+
     def begin(self) -> None:
         """Record the run as running (closing runs a dead process left open)."""
         self.stale_runs_closed = self.store.start_run(self.job_id, self.run_id)

@@ -6,7 +6,7 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
-from .errors import EtlError, SourceError, StateStoreError, TargetError
+from .errors import ConnectionLostError, EtlError, SourceError, StateStoreError, TargetError
 from .urls import DbUrl, mask
 
 if TYPE_CHECKING:
@@ -31,20 +31,24 @@ def application_name(role: str) -> str:
     return f"etl:{role}:{os.getpid()}:{socket.gethostname()}"[:63]
 
 
-def connect(url: DbUrl, role: str, *, autocommit: bool = False) -> psycopg.Connection:
+def connect(url: DbUrl, role: str, *, autocommit: bool = False,
+            settings: dict[str, str] | None = None, reconnect: bool = False) -> psycopg.Connection:
     """Open a connection for ``role`` (source, target or state), in UTC.
 
-    Connection failures become one clear line naming the masked URL.
+    ``settings`` are session parameters (e.g. ``{"lock_timeout": "5000ms"}``).
+    Connection failures become one clear line naming the masked URL; with
+    ``reconnect`` (during a run) they are ConnectionLostError, which is retried.
     """
     import psycopg
 
-    error_cls = _ROLE_ERRORS.get(role, EtlError)
+    error_cls = ConnectionLostError if reconnect else _ROLE_ERRORS.get(role, EtlError)
+    options = " ".join(f"-c {k}={v}" for k, v in {"TimeZone": "UTC", **(settings or {})}.items())
     try:
         conn = psycopg.connect(
             url.conninfo(application_name=application_name(role),
                          connect_timeout=str(CONNECT_TIMEOUT_SECONDS)),
             autocommit=autocommit,
-            options="-c TimeZone=UTC",
+            options=options,
         )
     except psycopg.Error as exc:
         detail = " ".join(str(exc).split())
@@ -62,3 +66,8 @@ def describe_error(exc: BaseException, url: DbUrl | None = None) -> str:
     if state:
         text = f"[{state}] {text}"
     return mask(text, url.password if url else None)
+
+
+def is_usable(conn: psycopg.Connection) -> bool:
+    """False once the server or the network dropped the connection (or it was closed)."""
+    return not (conn.closed or conn.broken)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from .model import Checkpoint, Status
 from .progress import NoProgress, Progress
+from .retry import RetryPolicy, RetryStats, is_transient
+from .retry import call as retry_call
 
 # Adaptive chunk size (--chunk-size auto): start small, then aim at --chunk-seconds.
 AUTO_FIRST_CHUNK = 20_000          # small enough to learn the rate in well under a second
@@ -132,9 +134,16 @@ class LoopResult:
 
 def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
              stop: StopFlag | None = None, progress: Progress | None = None,
-             on_chunk: Callable[[StepOutcome], None] | None = None) -> LoopResult:
-    """Run ``step`` until it returns None (no more rows) or the loop must stop."""
+             on_chunk: Callable[[StepOutcome], None] | None = None,
+             retry: RetryPolicy | None = None, retries: RetryStats | None = None) -> LoopResult:
+    """Run ``step`` until it returns None (no more rows) or the loop must stop.
+
+    A step that fails transiently is retried (``retry``) from the same checkpoint:
+    its transaction rolled back, so nothing of the failed attempt remains.
+    """
     stop = stop if stop is not None else StopFlag()
+    policy = retry or RetryPolicy()
+    retries = retries if retries is not None else RetryStats()
     progress = progress or NoProgress()
     sizer = ChunkSizer(pacing)
     cp = start
@@ -149,7 +158,14 @@ def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
                               f"stopped after --max-runtime {pacing.max_runtime:g}s; rerun to resume")
         size = sizer.next_size()
         c0 = time.monotonic()
-        outcome = step(cp, size)
+        try:
+            outcome = retry_call(lambda: step(cp, size), policy, retries,  # noqa: B023
+                                 f"chunk {cp.chunk_index + 1}", should_stop=lambda: bool(stop))
+        except Exception as exc:
+            if stop and is_transient(exc):  # asked to stop while retrying: stop, resumable
+                return LoopResult(Status.STOPPED, cp, chunks, rows, nbytes, sizer.size,
+                                  f"stopped while retrying ({stop.reason}); rerun to resume")
+            raise
         if outcome is None:
             return LoopResult(Status.COMPLETED, cp, chunks, rows, nbytes, sizer.size)
         seconds = time.monotonic() - c0

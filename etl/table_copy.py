@@ -18,6 +18,7 @@ from . import catalog, pg
 from .errors import EtlError, TargetError, UsageError
 from .model import Checkpoint, Column, Mode, Status, TableName
 from .report import Result, RowError, utc_now
+from .retry import RetryPolicy, RetryStats
 from .runner import Pacing, StepOutcome, StopFlag, run_loop
 from .sinks.pg_copy import PgCopySink
 from .sources.pg import KeysetQuery, PgKeysetSource
@@ -25,6 +26,11 @@ from .state.store import read_checkpoint, write_checkpoint
 from .urls import DbUrl
 
 log = logging.getLogger(__name__)
+
+# A chunk waits this long for a lock on the target before the attempt fails and is retried
+# (as pt-archiver does): long enough for ordinary row locks, short enough not to queue
+# behind a migration's ACCESS EXCLUSIVE lock and block everyone else.
+DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
 
 # Serialises the creation of target tables, schemas and types by concurrent etl processes.
 _TARGET_DDL_LOCK_ID = 0x6574_6C5F_6464_6C  # "etl_ddl"
@@ -53,11 +59,20 @@ class CopySpec:
     create: bool = True
     restart: bool = False
     pacing: Pacing = Pacing()
+    retry: RetryPolicy = RetryPolicy()
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT_SECONDS
     state_schema: str = "etl"
 
     @property
     def state_in_target(self) -> bool:
         return self.state.same_database(self.target)
+
+    @property
+    def target_settings(self) -> dict[str, str]:
+        """Session settings of the target connection: how long a chunk waits for a lock."""
+        if self.lock_timeout is None:
+            return {}
+        return {"lock_timeout": f"{max(int(self.lock_timeout * 1000), 1)}ms"}
 
     def args(self) -> dict[str, Any]:
         """The job's arguments as stored in the state store (URLs masked)."""
@@ -66,7 +81,8 @@ class CopySpec:
             "table": str(self.table), "target_table": str(self.target_table),
             "key": list(self.key or ()), "columns": list(self.columns or ()),
             "where": self.where, "mode": self.mode.value, "create": self.create,
-            "pacing": dataclasses.asdict(self.pacing),
+            "pacing": dataclasses.asdict(self.pacing), "retry": dataclasses.asdict(self.retry),
+            "lock_timeout": self.lock_timeout,
         }
 
 
@@ -249,20 +265,45 @@ def prepare_target(tconn: psycopg.Connection, plan: CopyPlan) -> None:
 
 
 class CopyStep:
-    """One chunk: bound → COPY out → COPY in → checkpoint, committed together."""
+    """One chunk: bound → COPY out → COPY in → checkpoint, committed together.
 
-    def __init__(self, plan: CopyPlan, source: PgKeysetSource, sink: PgCopySink,
-                 tconn: psycopg.Connection, run: JobRun, *, replay_guard: bool) -> None:
+    Before each attempt, connections the server or network dropped are opened
+    again (and the job lock re-taken), so a retried chunk starts clean.
+    """
+
+    def __init__(self, plan: CopyPlan, sconn: psycopg.Connection, tconn: psycopg.Connection,
+                 run: JobRun, *, replay_guard: bool) -> None:
         self.plan = plan
-        self.source = source
-        self.sink = sink
-        self.tconn = tconn
         self.run = run
         self.replay_guard = replay_guard
-        self.last_checksum: str | None = None
+        self.source = PgKeysetSource(sconn, plan.query, binary=plan.binary)
+        self._use_target(tconn)
+
+    def _use_target(self, tconn: psycopg.Connection) -> None:
+        self.tconn = tconn
+        self.sink = PgCopySink(tconn, self.plan.spec.target_table, self.plan.columns,
+                               binary=self.plan.binary)
+
+    def ensure_connected(self) -> None:
+        spec = self.plan.spec
+        if not pg.is_usable(self.source.conn):
+            log.info("reconnecting to the source database")
+            self.source = PgKeysetSource(
+                pg.connect(spec.source, "source", autocommit=True, reconnect=True),
+                self.plan.query, binary=self.plan.binary)
+        if not pg.is_usable(self.tconn):
+            log.info("reconnecting to the target database")
+            self._use_target(pg.connect(spec.target, "target", autocommit=True, reconnect=True,
+                                        settings=spec.target_settings))
+        self.run.ensure_connected()
+
+    def close(self) -> None:
+        for conn in (self.source.conn, self.tconn):
+            conn.close()
 
     def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
         spec = self.plan.spec
+        self.ensure_connected()
         with self.source.conn.transaction():
             bound = self.source.next_bound(cp.last_key, size)
             if bound is None:
@@ -305,6 +346,8 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
     result.artifacts["report"] = report_path
     t0 = time.monotonic()
     cp: Checkpoint | None = None
+    retries = RetryStats()
+    step: CopyStep | None = None
     try:
         prepare_target(tconn, plan)
         # --restart (and a replace after a finished run) start from nothing, but the old
@@ -324,22 +367,22 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
         if resuming and cp.last_key is not None:
             log.info("resuming %s after key %s (chunk %d, %d rows done)", spec.job_id,
                      cp.last_key_json, cp.chunk_index, cp.processed)
-        sink = PgCopySink(tconn, spec.target_table, plan.columns, binary=plan.binary)
         if spec.mode is Mode.REPLACE and not resuming:
             with tconn.transaction():  # emptied once per fresh run, recorded with the checkpoint
-                sink.truncate()
+                PgCopySink(tconn, spec.target_table, plan.columns).truncate()
                 write_checkpoint(tconn if spec.state_in_target else run.store.conn, cp,
                                  schema=spec.state_schema)
         remaining, exact = count_remaining(sconn, plan, cp.last_key)
         progress.start(f"copy {spec.table}", cp.processed, cp.processed + remaining, exact)
         result.total_items = cp.processed + remaining
-        source = PgKeysetSource(sconn, plan.query, binary=plan.binary)
-        step = CopyStep(plan, source, sink, tconn, run,
+        step = CopyStep(plan, sconn, tconn, run,
                         replay_guard=resuming and not spec.state_in_target
                         and spec.mode is Mode.APPEND)
         loop = run_loop(step, cp, spec.pacing, stop=stop, progress=progress,
-                        on_chunk=lambda _outcome: run.store.heartbeat(run.run_id))
+                        on_chunk=lambda _outcome: run.heartbeat(),
+                        retry=spec.retry, retries=retries)
         cp = loop.checkpoint
+        tconn = step.tconn
         result.status, result.message = loop.status, loop.message
         result.rows_this_run = loop.rows
         result.metadata["chunk_size_last"] = loop.last_chunk_size
@@ -353,14 +396,21 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
         _fail(result, exc, str(exc))
     except Exception as exc:  # driver errors: one line, masked, with SQLSTATE
         _fail(result, exc, pg.describe_error(exc, spec.target))
+    finally:
+        if step is not None:
+            step.close()
     if cp is not None:
         _fill_counts(result, cp)
+    result.metadata["retry_attempts"] = retries.total
+    result.metadata["retries_by_reason"] = dict(retries.by_reason)
     result.duration_seconds = time.monotonic() - t0
     result.completed_at = utc_now()
     try:
+        run.ensure_connected()
         run.finish(result)
-    except Exception:  # the state connection itself may be gone; the report still returns
-        pass
+    except Exception as exc:  # the state store may be unreachable; the report still returns
+        log.warning("could not store the report of run %s: %s", run.run_id,
+                    pg.describe_error(exc, spec.state))
     progress.finish(_summary_line(result))
     return result
 

@@ -39,6 +39,14 @@ def job_options(func: F) -> F:
         click.option("--max-runtime", metavar="DURATION",
                      help="Stop cleanly at a chunk boundary after this long (90s, 5m, 1h); exit 4, "
                           "the next run resumes."),
+        click.option("--retries", type=click.IntRange(min=0), default=4, show_default=True,
+                     help="Retries of a chunk after a transient failure (lost connection, "
+                          "deadlock, lock timeout, failover), with exponential backoff and jitter."),
+        click.option("--retry-max-wait", default="30s", show_default=True, metavar="DURATION",
+                     help="Longest wait between two retries."),
+        click.option("--lock-timeout", default="5s", show_default=True, metavar="DURATION",
+                     help="How long a chunk waits for a lock on the target before it is "
+                          "rolled back and retried."),
         click.option("--dry-run", is_flag=True,
                      help="Print the plan, estimated rows and chunks and the SQL; write nothing."),
         click.option("--restart", is_flag=True,

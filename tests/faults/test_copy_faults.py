@@ -401,10 +401,11 @@ def test_lock_holder_is_looked_up_in_the_job_database(src: str, dst: str) -> Non
 
 # -- 6. the target connection dies ------------------------------------------------------------
 
-def test_terminated_target_connection_fails_cleanly_then_rerun_completes(
+def test_terminated_target_connection_without_retries_fails_cleanly_then_rerun_completes(
         src: str, dst: str, probe: Probe, spawn) -> None:
+    """With --retries 0 a dropped connection ends the run (test_retries.py: with retries)."""
     make_events(src)
-    proc = spawn(*copy_args(src, dst, "--json", *SLOW))
+    proc = spawn(*copy_args(src, dst, "--json", "--retries", "0", *SLOW))
     wait_until("committed rows", lambda: probe.processed() > 0, proc=proc)
     targets = probe.sessions_of(proc.pid, "target")
     assert len(targets) == 1, targets
