@@ -16,6 +16,7 @@ from .retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS, RetryPolicy
 from .runner import DEFAULT_CHUNK_SECONDS, Pacing, StopFlag, stop_on_signals
 from .state.schema import DEFAULT_SCHEMA
 from .table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS
+from .thresholds import DEFAULT_MAX_ERROR_RATE, ErrorLimits
 from .urls import DbUrl, parse
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
          max_runtime: str | float | None = None, retries: int = DEFAULT_RETRIES,
          retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
          lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
+         max_errors: int | None = None, max_error_rate: float | None = DEFAULT_MAX_ERROR_RATE,
          dry_run: bool = False, restart: bool = False,
          report: str | Path | None = None, progress: bool | Progress | None = False,
          stop: StopFlag | None = None) -> Result:
@@ -61,7 +63,10 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
     connection, deadlock, lock timeout …) is retried up to ``retries`` times with
     exponential backoff and jitter capped at ``retry_max_wait``, reconnecting when
     needed; ``lock_timeout`` bounds each wait for a lock on the target (None: no
-    limit). ``progress`` is False (silent, the
+    limit). Rows that fail with a data error (a constraint, a value too long …) are
+    isolated by bisecting their chunk and become dead letters while the other rows
+    commit; ``max_errors`` / ``max_error_rate`` (over at least 1,000 rows) stop the
+    run when crossed. ``progress`` is False (silent, the
     default), True (bar or lines on stderr), or any object with the
     :class:`etl.progress.Progress` methods. ``stop`` is a :class:`etl.runner.StopFlag`
     another thread may set to stop at the next chunk boundary.
@@ -108,6 +113,7 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
         job_id=job or f"copy:{dst_table}", key=opt.parse_names(key, "--key"),
         columns=opt.parse_names(columns, "--columns"), where=where or None, mode=parsed_mode,
         create=create, restart=restart, pacing=pacing, retry=retry,
+        limits=ErrorLimits(max_errors=max_errors, max_error_rate=max_error_rate),
         lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"), state_schema=state_schema,
     )
     if report:

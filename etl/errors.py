@@ -7,6 +7,7 @@
     ├── SourceError              exit 1  reading failed (missing table, connection, auth …)
     ├── TargetError              exit 1  writing failed
     ├── StateStoreError          exit 1  the state store could not be read or written
+    ├── ThresholdExceededError   exit 1  --max-errors / --max-error-rate crossed
     └── ConnectionLostError      exit 1  a reconnect during a run failed (transient: retried)
 
 Every message says what to do next. Driver exceptions are wrapped at the
@@ -70,6 +71,10 @@ class TargetError(EtlError):
 
 class StateStoreError(EtlError):
     """The state store could not be created, read or written."""
+
+
+class ThresholdExceededError(EtlError):
+    """--max-errors or --max-error-rate was crossed; the chunk that crossed it rolled back."""
 
 
 class ConnectionLostError(EtlError):

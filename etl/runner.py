@@ -13,10 +13,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .model import Checkpoint, Status
 from .progress import NoProgress, Progress
+from .report import RowError
 from .retry import RetryPolicy, RetryStats, is_transient
 from .retry import call as retry_call
 
@@ -116,6 +117,7 @@ class StepOutcome:
     checkpoint: Checkpoint
     rows: int
     bytes: int
+    errors: list[RowError] = field(default_factory=list)  # rows that became dead letters
 
 
 Step = Callable[[Checkpoint, int], StepOutcome | None]

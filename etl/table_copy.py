@@ -9,20 +9,24 @@ when the state store lives in the target database (the default).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import catalog, pg
-from .errors import EtlError, TargetError, UsageError
-from .model import Checkpoint, Column, Mode, Status, TableName
+from .errors import EtlError, TargetError, UsageError, sqlstate_of
+from .isolate import BadRange, is_data_error, isolate
+from .model import Category, Checkpoint, Column, Mode, Status, TableName
 from .report import Result, RowError, utc_now
 from .retry import RetryPolicy, RetryStats
 from .runner import Pacing, StepOutcome, StopFlag, run_loop
 from .sinks.pg_copy import PgCopySink
-from .sources.pg import KeysetQuery, PgKeysetSource
-from .state.store import read_checkpoint, write_checkpoint
+from .sources.pg import Bound, KeysetQuery, PgKeysetSource
+from .state.store import insert_dead_letters, read_checkpoint, write_checkpoint
+from .thresholds import ErrorLimits
 from .urls import DbUrl
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,7 @@ class CopySpec:
     restart: bool = False
     pacing: Pacing = Pacing()
     retry: RetryPolicy = RetryPolicy()
+    limits: ErrorLimits = ErrorLimits()
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT_SECONDS
     state_schema: str = "etl"
 
@@ -82,6 +87,7 @@ class CopySpec:
             "key": list(self.key or ()), "columns": list(self.columns or ()),
             "where": self.where, "mode": self.mode.value, "create": self.create,
             "pacing": dataclasses.asdict(self.pacing), "retry": dataclasses.asdict(self.retry),
+            "limits": dataclasses.asdict(self.limits),
             "lock_timeout": self.lock_timeout,
         }
 
@@ -264,6 +270,17 @@ def prepare_target(tconn: psycopg.Connection, plan: CopyPlan) -> None:
                           f"{pg.describe_error(exc, plan.spec.target)}") from exc
 
 
+@dataclass
+class _Written:
+    """What went into the target for one chunk, and the ranges that would not."""
+
+    rows: int
+    bytes: int
+    checksum: str
+    bad: list[BadRange[Bound]] = dataclasses.field(default_factory=list)
+    last_error: str | None = None
+
+
 class CopyStep:
     """One chunk: bound → COPY out → COPY in → checkpoint, committed together.
 
@@ -304,6 +321,7 @@ class CopyStep:
     def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
         spec = self.plan.spec
         self.ensure_connected()
+        lower = Bound(cp.last_key, cp.last_key_json) if cp.last_key is not None else None
         with self.source.conn.transaction():
             bound = self.source.next_bound(cp.last_key, size)
             if bound is None:
@@ -311,18 +329,83 @@ class CopyStep:
             with self.tconn.transaction():
                 if self.replay_guard:
                     self._delete_replayed(cp.last_key, bound.text)
-                stats = self.sink.write(self.source.copy_out(cp.last_key, bound))
+                written = self._write(lower, bound, cp)
+                dead = self._dead_letters(written.bad, cp.chunk_index + 1)
+                failed = sum(len(d) for d in dead)
                 new = dataclasses.replace(
                     cp, chunk_index=cp.chunk_index + 1, last_key=bound.text,
-                    last_key_json=bound.json, processed=cp.processed + stats.rows,
-                    succeeded=cp.succeeded + stats.rows, bytes=cp.bytes + stats.bytes,
-                    checksum=stats.checksum, run_id=self.run.run_id, updated_at=utc_now())
+                    last_key_json=bound.json, processed=cp.processed + written.rows + failed,
+                    succeeded=cp.succeeded + written.rows, failed=cp.failed + failed,
+                    bytes=cp.bytes + written.bytes, checksum=written.checksum,
+                    run_id=self.run.run_id, updated_at=utc_now())
+                spec.limits.check(new.failed, new.processed, written.last_error)
+                records = [r for d in dead for r in d]
                 if spec.state_in_target:
+                    insert_dead_letters(self.tconn, records, schema=spec.state_schema)
                     write_checkpoint(self.tconn, new, schema=spec.state_schema)
         if not spec.state_in_target:
-            write_checkpoint(self.run.store.conn, new, schema=spec.state_schema)
+            with self.run.store.conn.transaction():
+                insert_dead_letters(self.run.store.conn, records, schema=spec.state_schema)
+                write_checkpoint(self.run.store.conn, new, schema=spec.state_schema)
         self.replay_guard = False
-        return StepOutcome(new, stats.rows, stats.bytes)
+        errors = [RowError(item_identifier=json.dumps(r["item_key"], default=str),
+                           error_type=r["error_type"], category=r["category"],
+                           error_message=r["error_message"], chunk_index=r["chunk_index"])
+                  for r in records]
+        return StepOutcome(new, written.rows + failed, written.bytes, errors)
+
+    def _write(self, lower: Bound | None, upper: Bound, cp: Checkpoint) -> _Written:
+        """COPY the chunk; on a data error, bisect it so the good rows still go in."""
+        digest = hashlib.blake2b(digest_size=16)
+        out = _Written(rows=0, bytes=0, checksum="")
+
+        def write_range(lo: Bound | None, hi: Bound) -> int:
+            with self.tconn.transaction():  # a savepoint: a failure undoes this range only
+                stats = self.sink.write(self.source.copy_out(lo.text if lo else None, hi))
+            out.bytes += stats.bytes
+            digest.update(bytes.fromhex(stats.checksum))
+            return stats.rows
+
+        try:
+            out.rows = write_range(lower, upper)
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            rows = self.source.count_range(lower, upper)
+            log.warning("chunk after key %s: %s; isolating the bad rows among %d",
+                        lower.json if lower else "(start)", pg.describe_error(exc)[:200], rows)
+            def give_up(bad: int, error: BaseException) -> None:
+                # already over a threshold even if every other row of the chunk is good
+                self.plan.spec.limits.check(cp.failed + bad, cp.processed + rows,
+                                            pg.describe_error(error, self.plan.spec.target))
+
+            found = isolate(lower, upper, rows, exc, write=write_range,
+                            split=lambda lo, n: self._split(lo, n),
+                            count=self.source.count_range, give_up=give_up)
+            out.rows, out.bad = found.good_rows, found.bad
+            if found.bad:
+                out.last_error = pg.describe_error(found.bad[-1].error, self.plan.spec.target)
+        out.checksum = digest.hexdigest()
+        return out
+
+    def _split(self, lower: Bound | None, n: int) -> Bound:
+        bound = self.source.next_bound(lower.text if lower else None, n)
+        assert bound is not None, "a non-empty range has a bound"
+        return bound
+
+    def _dead_letters(self, bad: list[BadRange[Bound]], chunk_index: int) -> list[list[dict]]:
+        """The rows of each bad range, as dead-letter records (original source values)."""
+        spec = self.plan.spec
+        out = []
+        for item in bad:
+            message = pg.describe_error(item.error, spec.target)
+            out.append([{
+                "job_id": spec.job_id, "run_id": self.run.run_id, "chunk_index": chunk_index,
+                "item_key": key, "row_data": row, "error_type": type(item.error).__name__,
+                "sqlstate": sqlstate_of(item.error), "category": Category.DATA.value,
+                "error_message": message, "attempts": 1,
+            } for row, key in self.source.rows_as_json(item.lo, item.hi)])
+        return out
 
     def _delete_replayed(self, lower: tuple[str, ...] | None, upper: tuple[str, ...]) -> None:
         """State elsewhere: rows of a chunk whose checkpoint was lost are removed, then rewritten."""
@@ -375,11 +458,16 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
         remaining, exact = count_remaining(sconn, plan, cp.last_key)
         progress.start(f"copy {spec.table}", cp.processed, cp.processed + remaining, exact)
         result.total_items = cp.processed + remaining
+        latest = [cp]  # the last committed checkpoint, also when the loop raises
+
+        def after_chunk(outcome: StepOutcome) -> None:
+            latest[0] = _after_chunk(outcome, result, run)
+
         step = CopyStep(plan, sconn, tconn, run,
                         replay_guard=resuming and not spec.state_in_target
                         and spec.mode is Mode.APPEND)
         loop = run_loop(step, cp, spec.pacing, stop=stop, progress=progress,
-                        on_chunk=lambda _outcome: run.heartbeat(),
+                        on_chunk=after_chunk,
                         retry=spec.retry, retries=retries)
         cp = loop.checkpoint
         tconn = step.tconn
@@ -389,6 +477,10 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
         if loop.status is Status.COMPLETED:
             _mark_finished(tconn if spec.state_in_target else run.store.conn, cp, spec)
             result.total_items = cp.processed
+            if cp.failed:
+                result.status = Status.COMPLETED_WITH_ERRORS
+                result.message = (f"{cp.failed:,} row(s) failed and are in the dead letters: "
+                                  f"etl dlq list --job {spec.job_id}")
     except KeyboardInterrupt:
         result.status = Status.STOPPED
         result.message = "interrupted; the chunk in flight was rolled back — rerun to resume"
@@ -398,6 +490,7 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
         _fail(result, exc, pg.describe_error(exc, spec.target))
     finally:
         if step is not None:
+            cp = latest[0]
             step.close()
     if cp is not None:
         _fill_counts(result, cp)
@@ -413,6 +506,13 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
                     pg.describe_error(exc, spec.state))
     progress.finish(_summary_line(result))
     return result
+
+
+def _after_chunk(outcome: StepOutcome, result: Result, run: JobRun) -> Checkpoint:
+    for error in outcome.errors:
+        result.add_error(error)
+    run.heartbeat()
+    return outcome.checkpoint
 
 
 def _mark_finished(conn: psycopg.Connection, cp: Checkpoint, spec: CopySpec) -> None:

@@ -47,6 +47,12 @@ def job_options(func: F) -> F:
         click.option("--lock-timeout", default="5s", show_default=True, metavar="DURATION",
                      help="How long a chunk waits for a lock on the target before it is "
                           "rolled back and retried."),
+        click.option("--max-errors", type=click.IntRange(min=0), metavar="N",
+                     help="Stop (failed, exit 1) once more than N rows have failed."),
+        click.option("--max-error-rate", type=click.FloatRange(0, 1), default=0.05,
+                     show_default=True, metavar="F",
+                     help="Stop once more than this share of rows has failed (judged after "
+                          "1,000 rows)."),
         click.option("--dry-run", is_flag=True,
                      help="Print the plan, estimated rows and chunks and the SQL; write nothing."),
         click.option("--restart", is_flag=True,

@@ -116,6 +116,21 @@ class KeysetQuery:
         bare = KeysetQuery(self.table, self.columns, self.key)
         return sql.SQL("DELETE FROM {}{}").format(self._ident(), bare._filter(has_lower, True))
 
+    def count_range_sql(self, has_lower: bool) -> sqlmod.Composed:
+        """Rows of the key range ``(lo, hi]`` that the copy takes (--where applied)."""
+        from psycopg import sql
+
+        return sql.SQL("SELECT count(*) FROM {}{}").format(self._ident(),
+                                                           self._filter(has_lower, True))
+
+    def rows_as_json_sql(self, has_lower: bool) -> sqlmod.Composed:
+        """Each row of ``(lo, hi]`` as JSON (all its columns, original values) with its key."""
+        from psycopg import sql
+
+        keys = sql.SQL(", ").join(sql.Identifier("t", k.name) for k in self.key)
+        return sql.SQL("SELECT to_jsonb(t), jsonb_build_array({}) FROM {} AS t{}").format(
+            keys, self._ident(), self._filter(has_lower, True))
+
     def remaining_sql(self, has_lower: bool) -> sqlmod.Composed:
         """Rows still to copy after the lower bound (for counts and estimates)."""
         from psycopg import sql
@@ -174,6 +189,13 @@ class PgKeysetSource:
         if buf:
             yield bytes(buf)
 
-    def end_chunk(self) -> None:
-        """Close the read transaction so no snapshot is held between chunks."""
-        self.conn.commit()
+    def count_range(self, after: Bound | None, upto: Bound) -> int:
+        lower = after.text if after else None
+        row = self.conn.execute(self.query.count_range_sql(after is not None),
+                                self.query.params(lower, upto.text)).fetchone()
+        return int(row[0]) if row else 0
+
+    def rows_as_json(self, after: Bound | None, upto: Bound) -> list[tuple[dict, list]]:
+        lower = after.text if after else None
+        return [(row[0], row[1]) for row in self.conn.execute(
+            self.query.rows_as_json_sql(after is not None), self.query.params(lower, upto.text))]

@@ -56,6 +56,25 @@ def write_checkpoint(conn: psycopg.Connection, cp: Checkpoint, *, finished: bool
     )
 
 
+def insert_dead_letters(conn: psycopg.Connection, rows: list[dict[str, Any]],
+                        schema: str = DEFAULT_SCHEMA) -> None:
+    """Record failed rows in ``conn``'s current transaction (with the chunk's checkpoint)."""
+    if not rows:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(
+            _q(schema, """
+            INSERT INTO {s}.dead_letters (job_id, run_id, chunk_index, item_key, row_data,
+                error_type, sqlstate, category, error_message, attempts)
+            VALUES (%(job_id)s, %(run_id)s, %(chunk_index)s, %(item_key)s::jsonb,
+                %(row_data)s::jsonb, %(error_type)s, %(sqlstate)s, %(category)s,
+                %(error_message)s, %(attempts)s)
+            """),
+            [{**r, "item_key": json.dumps(r["item_key"], default=str),
+              "row_data": json.dumps(r["row_data"], default=str)} for r in rows],
+        )
+
+
 def read_checkpoint(conn: psycopg.Connection, job_id: str,
                     schema: str = DEFAULT_SCHEMA) -> tuple[Checkpoint, bool] | None:
     """(checkpoint, finished) of ``job_id``, or None when it has none (or no store exists)."""

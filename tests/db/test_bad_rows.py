@@ -1,0 +1,133 @@
+"""Rows the target refuses become dead letters; every other row is copied; totals add up."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+
+import etl
+from tests.conftest import execute, run_etl, scalar
+
+ROWS = 100_000
+# (id, what is wrong with it in the target, expected SQLSTATE)
+BAD = {
+    1: "23514",        # check: amount > 0
+    777: "23502",      # not null: note
+    20_000: "23505",   # unique: code duplicates row 19_999's
+    33_333: "23503",   # foreign key: account 999 has no parent
+    50_001: "22001",   # value too long for varchar(12)
+    64_000: "22P02",   # invalid enum label in the target's enum
+    99_999: "23514",
+    100_000: "23502",  # the very last row
+}
+
+
+def _tables(src: str, dst: str) -> None:
+    execute(src, f"""
+        CREATE TABLE ev (id int PRIMARY KEY, account int, amount int, note text, code text,
+                         label text, mood text);
+        INSERT INTO ev SELECT g, 1 + g % 3, 1 + g % 50, 'n' || g, 'c' || g, 'l' || (g % 1000), 'ok'
+        FROM generate_series(1, {ROWS}) g;
+        UPDATE ev SET amount = -1 WHERE id IN (1, 99999);
+        UPDATE ev SET note = NULL WHERE id IN (777, 100000);
+        UPDATE ev SET code = 'c19999' WHERE id = 20000;
+        UPDATE ev SET account = 999 WHERE id = 33333;
+        UPDATE ev SET label = 'far too long for twelve' WHERE id = 50001;
+        UPDATE ev SET mood = 'furious' WHERE id = 64000;
+    """)
+    execute(dst, """
+        CREATE TYPE mood AS ENUM ('ok', 'sad');
+        CREATE TABLE accounts (id int PRIMARY KEY);
+        INSERT INTO accounts VALUES (1), (2), (3);
+        CREATE TABLE ev (id int PRIMARY KEY, account int REFERENCES accounts,
+                         amount int CHECK (amount > 0), note text NOT NULL, code text UNIQUE,
+                         label varchar(12), mood mood);
+    """)
+
+
+def test_bad_rows_scattered_in_100k_become_dead_letters(src: str, dst: str) -> None:
+    _tables(src, dst)
+    result = etl.copy(source=src, target=dst, table="ev", max_error_rate=None)
+    assert result.status is etl.Status.COMPLETED_WITH_ERRORS and result.exit_code == 3
+    doc = result.to_dict()
+    s = doc["summary"]
+    assert s["failed"] == len(BAD) and s["succeeded"] == ROWS - len(BAD)
+    assert s["succeeded"] + s["failed"] + s["skipped"] == s["total_items"] == ROWS
+    assert scalar(dst, "SELECT count(*) FROM ev") == ROWS - len(BAD)
+    assert scalar(dst, "SELECT count(*) FROM ev WHERE id = ANY(%s)", (list(BAD),)) == 0
+    with psycopg.connect(dst) as conn:
+        letters = {row[0][0]: row[1:] for row in conn.execute(
+            "SELECT item_key, sqlstate, category, error_type, row_data, run_id::text "
+            "FROM etl.dead_letters WHERE job_id = 'copy:public.ev'")}
+    assert {k: v[0] for k, v in letters.items()} == BAD
+    assert all(v[1] == "data" and v[4] == result.run_id for v in letters.values())
+    assert letters[1][2] == "CheckViolation"
+    assert letters[33_333][3]["account"] == 999  # the original row, as JSON
+    assert letters[64_000][3]["mood"] == "furious"
+    assert len(doc["errors"]) == len(BAD)
+    assert sum(doc["error_categories"].values()) == len(BAD)
+    assert doc["error_categories"]["CheckViolation"] == 2
+
+
+def test_cli_exit_3_and_report(src: str, dst: str) -> None:
+    _tables(src, dst)
+    proc = run_etl("copy", "--source", src, "--target", dst, "--table", "ev", "--json",
+                   "--chunk-size", "25000", "--no-progress")
+    assert proc.returncode == 3, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["status"] == "completed_with_errors" and doc["summary"]["failed"] == len(BAD)
+    assert "dead letters" in proc.stderr and "etl dlq list --job copy:public.ev" in proc.stderr
+
+
+def test_max_errors_stops_the_run_then_resume_after_fixing(src: str, dst: str) -> None:
+    _tables(src, dst)
+    result = etl.copy(source=src, target=dst, table="ev", chunk_size=10_000, max_errors=2)
+    assert result.status is etl.Status.FAILED and result.exit_code == 1
+    assert "--max-errors 2 exceeded" in (result.message or "")
+    # it stopped in the chunk holding the third bad row (20,000): that chunk rolled back
+    assert scalar(dst, "SELECT count(*) FROM ev") == 10_000 - 2
+    assert scalar(dst, "SELECT max(processed) FROM etl.checkpoints") == 10_000
+    execute(dst, "ALTER TABLE ev DROP CONSTRAINT ev_code_key; "
+                 "ALTER TABLE ev DROP CONSTRAINT ev_account_fkey")
+    again = etl.copy(source=src, target=dst, table="ev", chunk_size=10_000, max_errors=10)
+    assert again.status is etl.Status.COMPLETED_WITH_ERRORS
+    assert again.failed == len(BAD) - 2  # unique and foreign-key rows now go in
+    assert again.succeeded + again.failed == ROWS
+
+
+def test_max_error_rate_is_judged_after_1000_rows(src: str, dst: str) -> None:
+    execute(src, "CREATE TABLE t (id int PRIMARY KEY, v int); "
+                 "INSERT INTO t SELECT g, CASE WHEN g % 10 = 0 THEN -1 ELSE g END "
+                 "FROM generate_series(1, 5000) g")
+    execute(dst, "CREATE TABLE t (id int PRIMARY KEY, v int CHECK (v > 0))")
+    tolerant = etl.copy(source=src, target=dst, table="t", chunk_size=500, max_error_rate=0.2,
+                        job="tolerant", to_table="t")
+    assert tolerant.status is etl.Status.COMPLETED_WITH_ERRORS and tolerant.failed == 500
+    execute(dst, "TRUNCATE t; DELETE FROM etl.checkpoints")
+    strict = etl.copy(source=src, target=dst, table="t", chunk_size=500, job="strict")
+    assert strict.status is etl.Status.FAILED
+    assert "--max-error-rate 0.05 exceeded" in (strict.message or "")
+    # not judged before 1,000 rows: the first chunk (10 % bad) committed; the second,
+    # which brought the count to 1,000 and crossed the rate, rolled back
+    assert strict.processed == 500 and strict.failed == 50
+
+
+def test_non_unique_key_groups_are_dead_lettered_together(src: str, dst: str) -> None:
+    execute(src, "CREATE TABLE t (day int NOT NULL, v int); "
+                 "INSERT INTO t SELECT g / 10, g FROM generate_series(0, 199) g; "
+                 "UPDATE t SET v = -v WHERE v = 55")
+    execute(dst, "CREATE TABLE t (day int, v int CHECK (v >= 0))")
+    result = etl.copy(source=src, target=dst, table="t", key="day", chunk_size=50)
+    assert result.succeeded == 190 and result.failed == 10  # day 5's ten rows share the key
+
+
+@pytest.mark.parametrize("threshold", [0, 1])
+def test_max_errors_boundary(src: str, dst: str, threshold: int) -> None:
+    execute(src, "CREATE TABLE t (id int PRIMARY KEY, v int); "
+                 "INSERT INTO t SELECT g, CASE WHEN g = 50 THEN -1 ELSE g END FROM generate_series(1, 100) g")
+    execute(dst, "CREATE TABLE t (id int PRIMARY KEY, v int CHECK (v > 0))")
+    result = etl.copy(source=src, target=dst, table="t", max_errors=threshold)
+    expected = etl.Status.FAILED if threshold == 0 else etl.Status.COMPLETED_WITH_ERRORS
+    assert result.status is expected
