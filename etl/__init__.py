@@ -25,6 +25,7 @@ from .model import Category, Mode, Status
 
 if TYPE_CHECKING:
     from .api import copy
+    from .dlq import list_dead_letters, purge_dead_letters, replay_dead_letters, show_dead_letter
     from .report import Result
 
 __version__ = "0.1.0"
@@ -43,9 +44,20 @@ __all__ = [
     "UsageError",
     "__version__",
     "copy",
+    "list_dead_letters",
+    "purge_dead_letters",
+    "replay_dead_letters",
+    "show_dead_letter",
 ]
 
-_LAZY = {"copy": ("etl.api", "copy"), "Result": ("etl.report", "Result")}
+_LAZY = {
+    "copy": ("etl.api", "copy"),
+    "Result": ("etl.report", "Result"),
+    "list_dead_letters": ("etl.dlq", "list_dead_letters"),
+    "show_dead_letter": ("etl.dlq", "show_dead_letter"),
+    "replay_dead_letters": ("etl.dlq", "replay_dead_letters"),
+    "purge_dead_letters": ("etl.dlq", "purge_dead_letters"),
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -43,10 +43,12 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 def _register() -> None:
     from . import copy as copy_cmd
     from . import db as db_cmd
+    from . import dlq as dlq_cmd
     from . import jobs as jobs_cmd
 
     cli.add_command(copy_cmd.copy)
     cli.add_command(db_cmd.db)
+    cli.add_command(dlq_cmd.dlq)
     for command in (jobs_cmd.status, jobs_cmd.runs, jobs_cmd.report):
         cli.add_command(command)
 

@@ -131,3 +131,47 @@ def test_max_errors_boundary(src: str, dst: str, threshold: int) -> None:
     result = etl.copy(source=src, target=dst, table="t", max_errors=threshold)
     expected = etl.Status.FAILED if threshold == 0 else etl.Status.COMPLETED_WITH_ERRORS
     assert result.status is expected
+
+
+def test_dlq_list_show_replay_purge(src: str, dst: str) -> None:
+    _tables(src, dst)
+    first = run_etl("copy", "--source", src, "--target", dst, "--table", "ev", "--no-progress")
+    assert first.returncode == 3, first.stderr
+    listed = run_etl("dlq", "list", "--job", "copy:public.ev", "--state", dst, "--json")
+    letters = json.loads(listed.stdout)
+    assert len(letters) == len(BAD)
+    text = run_etl("dlq", "list", "--job", "copy:public.ev", "--state", dst,
+                   "--error-type", "CheckViolation")
+    assert text.stdout.count("CheckViolation") == 2
+    shown = json.loads(run_etl("dlq", "show", str(letters[0]["id"]), "--state", dst).stdout)
+    assert shown["row_data"]["id"] == letters[0]["item_key"][0]
+    # fix the target for most causes; the NOT NULL rows still fail
+    execute(dst, "ALTER TABLE ev DROP CONSTRAINT ev_amount_check; "
+                 "ALTER TABLE ev DROP CONSTRAINT ev_code_key; "
+                 "ALTER TABLE ev DROP CONSTRAINT ev_account_fkey; "
+                 "ALTER TABLE ev ALTER COLUMN label TYPE text; "
+                 "ALTER TYPE mood ADD VALUE 'furious'")
+    replay = run_etl("dlq", "replay", "--job", "copy:public.ev", "--state", dst, "--json")
+    assert replay.returncode == 3, replay.stderr
+    assert json.loads(replay.stdout) == {"job_id": "copy:public.ev", "replayed": len(BAD) - 2,
+                                         "still_failing": 2}
+    assert scalar(dst, "SELECT count(*) FROM ev") == ROWS - 2
+    left = json.loads(run_etl("dlq", "list", "--job", "copy:public.ev", "--state", dst,
+                              "--json").stdout)
+    assert sorted(d["item_key"][0] for d in left) == [777, 100_000]
+    assert all(d["attempts"] == 2 and d["sqlstate"] == "23502" for d in left)
+    assert scalar(dst, "SELECT failed FROM etl.checkpoints") == 2
+    assert scalar(dst, "SELECT succeeded FROM etl.checkpoints") == ROWS - 2
+    execute(dst, "ALTER TABLE ev ALTER COLUMN note DROP NOT NULL")
+    assert etl.replay_dead_letters("copy:public.ev", state=dst).replayed == 2
+    assert fingerprint_ids(dst) == fingerprint_ids(src)
+    execute(dst, "INSERT INTO etl.dead_letters (job_id, error_type, category, error_message) "
+                 "VALUES ('copy:public.ev', 'X', 'data', 'm')")
+    purged = run_etl("dlq", "purge", "--job", "copy:public.ev", "--state", dst, "--yes")
+    assert purged.returncode == 0 and "purged 1 " in purged.stdout
+    assert etl.list_dead_letters("copy:public.ev", state=dst) == []
+
+
+def fingerprint_ids(url: str) -> list[int]:
+    with psycopg.connect(url) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM ev ORDER BY id")]
