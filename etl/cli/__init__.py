@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 import click
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
     except EtlError as exc:
         if debug:
-            raise
+            traceback.print_exc()
         common.error(mask(str(exc)))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
