@@ -100,8 +100,58 @@ def sqlstate_of(exc: BaseException) -> str | None:
     return None
 
 
+# MySQL/MariaDB error numbers (pymysql, mysqlclient), which carry no SQLSTATE attribute.
+_MYSQL_TRANSIENT = frozenset({
+    1040,  # too many connections
+    1205,  # lock wait timeout exceeded
+    1213,  # deadlock found
+    1290, 1792,  # read-only server / transaction (after a failover)
+    1927,  # connection was killed (MariaDB)
+    2003, 2006, 2013,  # can't connect / server has gone away / lost connection
+    4031,  # disconnected by the server (MySQL 8)
+})
+_MYSQL_DATA = frozenset({
+    1048,  # column cannot be null
+    1062,  # duplicate entry
+    1264, 1265, 1292, 1366, 1406,  # out of range / truncated / bad datetime / bad value / too long
+    1451, 1452,  # foreign key
+    3819, 4025,  # check constraint (MySQL / MariaDB)
+})
+# SQLite primary result codes (sqlite3 exceptions' sqlite_errorcode & 0xff).
+_SQLITE_TRANSIENT = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+_SQLITE_DATA = frozenset({18, 19, 20, 25})  # TOOBIG, CONSTRAINT, MISMATCH, RANGE
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    """The DB-API exception under SQLAlchemy's wrapper, if any."""
+    orig = getattr(exc, "orig", None)
+    return orig if isinstance(orig, BaseException) else exc
+
+
+def _by_error_number(exc: BaseException) -> Category | None:
+    err = _driver_error(exc)
+    module = type(err).__module__
+    if module.startswith(("pymysql", "MySQLdb", "mysql")):
+        code = err.args[0] if err.args and isinstance(err.args[0], int) else None
+        if code in _MYSQL_TRANSIENT:
+            return Category.TRANSIENT
+        if code in _MYSQL_DATA:
+            return Category.DATA
+        return Category.FATAL if code is not None else None
+    code = getattr(err, "sqlite_errorcode", None)
+    if module == "sqlite3" and isinstance(code, int):
+        primary = code & 0xFF
+        if primary in _SQLITE_TRANSIENT:
+            return Category.TRANSIENT
+        if primary in _SQLITE_DATA:
+            return Category.DATA
+        return Category.FATAL
+    return None
+
+
 def classify(exc: BaseException) -> Category:
-    """Transient, data or fatal — by SQLSTATE and exception type, never message text."""
+    """Transient, data or fatal — by SQLSTATE, driver error number and exception type,
+    never by message text."""
     if isinstance(exc, EtlError) and not exc.sqlstate:
         return exc.category
     state = sqlstate_of(exc) or (exc.sqlstate if isinstance(exc, EtlError) else None)
@@ -111,6 +161,9 @@ def classify(exc: BaseException) -> Category:
         if state.startswith(_DATA_CLASSES):
             return Category.DATA
         return Category.FATAL
+    by_number = _by_error_number(exc)
+    if by_number is not None:
+        return by_number
     try:
         import psycopg
     except ImportError:  # pragma: no cover - psycopg is a hard dependency

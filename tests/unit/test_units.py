@@ -126,3 +126,29 @@ def test_public_surface_is_curated_and_import_is_light() -> None:
             "'rich') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_classification_of_mysql_and_sqlite_driver_errors() -> None:
+    import sqlite3
+
+    import pymysql
+    from sqlalchemy.exc import DBAPIError
+
+    assert classify(pymysql.err.OperationalError(1213, "Deadlock found")) is Category.TRANSIENT
+    assert classify(pymysql.err.OperationalError(2013, "Lost connection")) is Category.TRANSIENT
+    assert classify(pymysql.err.IntegrityError(1062, "Duplicate entry")) is Category.DATA
+    assert classify(pymysql.err.DataError(1406, "Data too long")) is Category.DATA
+    assert classify(pymysql.err.ProgrammingError(1146, "Table doesn't exist")) is Category.FATAL
+    wrapped = DBAPIError.instance("INSERT …", {}, pymysql.err.OperationalError(1205, "Lock wait"),
+                                  pymysql.err.Error)
+    assert classify(wrapped) is Category.TRANSIENT
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v NOT NULL)")
+    try:
+        conn.execute("INSERT INTO t VALUES (1, NULL)")
+    except sqlite3.IntegrityError as exc:  # a real driver error, not a constructed one
+        assert classify(exc) is Category.DATA
+    try:
+        conn.execute("SELECT * FROM nosuch")
+    except sqlite3.OperationalError as exc:
+        assert classify(exc) is Category.FATAL
