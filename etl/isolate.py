@@ -43,13 +43,14 @@ def is_data_error(exc: BaseException) -> bool:
 def isolate(lo: K | None, hi: K, rows: int, error: BaseException, *,
             write: Callable[[K | None, K], int],
             split: Callable[[K | None, int], K],
-            count: Callable[[K | None, K], int],
+            count: Callable[[K | None, K], int] | None,
             give_up: Callable[[int, BaseException], None] = lambda bad, exc: None) -> Isolation[K]:
     """Write the good rows of ``(lo, hi]`` (``rows`` rows, whose write failed with ``error``).
 
     ``write(lo, hi)`` writes a range in a savepoint and returns its row count, or
     raises; ``split(lo, n)`` is the key after which ``n`` rows follow ``lo``;
-    ``count(lo, hi)`` counts a range's rows; ``give_up(bad, error)`` is called with
+    ``count(lo, hi)`` counts a range's rows (None when keys are unique, so that the
+    first ``n`` rows after ``lo`` are exactly ``n``); ``give_up(bad, error)`` is called with
     the number of bad ranges found so far and may raise to end the isolation early
     (a threshold already crossed: no point in bisecting the rest).
     """
@@ -74,7 +75,7 @@ def isolate(lo: K | None, hi: K, rows: int, error: BaseException, *,
             give_up(len(result.bad), failed)
             continue
         mid = split(a, n // 2)
-        left = count(a, mid)
+        left = count(a, mid) if count is not None else n // 2
         if left == 0 or left == n:  # all n rows share one key value: it cannot be split
             result.bad.append(BadRange(a, b, failed))
             give_up(len(result.bad), failed)

@@ -28,6 +28,8 @@ AUTO_MAX_CHUNK = 1_000_000         # bounds memory held by one COPY transaction'
 AUTO_MAX_GROWTH = 4.0              # grow at most ×4 per chunk: reach the target in a few chunks
                                    # without one fast chunk overshooting it
 RATE_SMOOTHING = 0.3               # EWMA weight of the newest chunk's rows/s
+AUTO_SHRINK_ON_DATA_ERROR = 16     # after bad rows, chunks shrink this much: a failed attempt
+                                   # wastes up to a chunk, so bad rows are cheaper in small ones
 DEFAULT_CHUNK_SECONDS = 2.0        # SPEC.md default for --chunk-seconds
 
 
@@ -58,6 +60,13 @@ class ChunkSizer:
 
     def next_size(self) -> int:
         return self.size
+
+    def observe_data_errors(self) -> None:
+        """A chunk had bad rows: the next chunks are much smaller, so that isolating the
+        next bad row (a failed attempt, then bisection) costs little; clean chunks grow
+        the size back."""
+        if not self.fixed:
+            self.size = max(self.lo, self.size // AUTO_SHRINK_ON_DATA_ERROR)
 
     def observe(self, rows: int, seconds: float) -> None:
         if self.fixed or rows <= 0 or seconds <= 0:
@@ -176,6 +185,8 @@ def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
         rows += outcome.rows
         nbytes += outcome.bytes
         sizer.observe(outcome.rows, seconds)
+        if outcome.errors:
+            sizer.observe_data_errors()
         progress.advance(outcome.rows, outcome.bytes)
         if on_chunk is not None:
             on_chunk(outcome)

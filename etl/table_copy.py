@@ -104,6 +104,7 @@ class CopyPlan:
     binary: bool
     estimated_rows: int
     ddl: tuple[str, ...]          # statements that create the target when it is missing
+    unique_key: bool = True       # the key is the primary key: one row per key value
 
     @property
     def query(self) -> KeysetQuery:
@@ -144,7 +145,7 @@ def make_plan(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connecti
     sconn.rollback()
     tconn.rollback()
     return CopyPlan(spec, columns, key, info.primary_key, target_exists, binary,
-                    info.estimated_rows, ddl)
+                    info.estimated_rows, ddl, unique_key=key_names == info.primary_key)
 
 
 def _check_where(sconn: psycopg.Connection, spec: CopySpec) -> None:
@@ -381,12 +382,16 @@ class CopyStep:
 
             found = isolate(lower, upper, rows, exc, write=write_range,
                             split=lambda lo, n: self._split(lo, n),
-                            count=self.source.count_range, give_up=give_up)
+                            count=self._count if not self.plan.unique_key else None,
+                            give_up=give_up)
             out.rows, out.bad = found.good_rows, found.bad
             if found.bad:
                 out.last_error = pg.describe_error(found.bad[-1].error, self.plan.spec.target)
         out.checksum = digest.hexdigest()
         return out
+
+    def _count(self, lower: Bound | None, upper: Bound) -> int:
+        return self.source.count_range(lower, upper)
 
     def _split(self, lower: Bound | None, n: int) -> Bound:
         bound = self.source.next_bound(lower.text if lower else None, n)
