@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) bench/copy_pg.py
+	$(PY) bench/copy_pg.py; a=$$?; $(PY) bench/copy_bad_rows.py; b=$$?; exit $$((a | b))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check etl tests bench fixtures
