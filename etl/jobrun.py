@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from types import TracebackType
 from typing import Any
@@ -17,6 +18,9 @@ from .state import lock
 from .state.schema import DEFAULT_SCHEMA
 from .state.store import StateStore
 from .urls import DbUrl
+
+# A running job marks itself alive this often (when chunks are shorter than this).
+HEARTBEAT_SECONDS = 1.0
 
 
 class JobRun:
@@ -32,6 +36,7 @@ class JobRun:
         self.run_id = str(uuid.uuid4())
         self.stale_runs_closed = 0
         self._store: StateStore | None = None
+        self._last_heartbeat = time.monotonic()
 
     @property
     def store(self) -> StateStore:
@@ -68,11 +73,16 @@ class JobRun:
         self.store.conn = conn
 
     def heartbeat(self) -> None:
-        """Mark the run alive; a dropped state connection is reopened by the next chunk."""
+        """Mark the run alive (at most every HEARTBEAT_SECONDS: each is a commit); a dropped
+        state connection is reopened by the next chunk."""
         import psycopg
 
+        now = time.monotonic()
+        if now - self._last_heartbeat < HEARTBEAT_SECONDS:
+            return
         try:
             self.store.heartbeat(self.run_id)
+            self._last_heartbeat = now
         except psycopg.OperationalError:
             pass
 

@@ -30,6 +30,7 @@ AUTO_MAX_GROWTH = 4.0              # grow at most ×4 per chunk: reach the targe
 RATE_SMOOTHING = 0.3               # EWMA weight of the newest chunk's rows/s
 AUTO_SHRINK_ON_DATA_ERROR = 16     # after bad rows, chunks shrink this much: a failed attempt
                                    # wastes up to a chunk, so bad rows are cheaper in small ones
+AUTO_GROWTH_AFTER_DATA_ERRORS = 1.25 # and grow back slowly: data with one bad row has more
 DEFAULT_CHUNK_SECONDS = 2.0        # SPEC.md default for --chunk-seconds
 
 
@@ -57,6 +58,7 @@ class ChunkSizer:
             self.hi = max(self.lo, min(self.hi, int(pacing.max_rate * self.target)))
         self.size = self.fixed or max(self.lo, min(AUTO_FIRST_CHUNK, self.hi))
         self.rate: float | None = None
+        self.growth = AUTO_MAX_GROWTH
 
     def next_size(self) -> int:
         return self.size
@@ -67,6 +69,7 @@ class ChunkSizer:
         the size back."""
         if not self.fixed:
             self.size = max(self.lo, self.size // AUTO_SHRINK_ON_DATA_ERROR)
+            self.growth = AUTO_GROWTH_AFTER_DATA_ERRORS
 
     def observe(self, rows: int, seconds: float) -> None:
         if self.fixed or rows <= 0 or seconds <= 0:
@@ -78,7 +81,7 @@ class ChunkSizer:
         wanted = int(self.rate * self.target)
         if seconds > 2 * self.target:  # a slow chunk: shrink at once, without smoothing
             wanted = int(now * self.target)
-        self.size = max(self.lo, min(self.hi, wanted, int(self.size * AUTO_MAX_GROWTH)))
+        self.size = max(self.lo, min(self.hi, wanted, int(self.size * self.growth)))
 
 
 class StopFlag:
