@@ -72,6 +72,16 @@ class JobRun:
             raise
         self.store.conn = conn
 
+    def assert_lock_held(self) -> None:
+        """Fail (transiently) unless the session holding the job's lock is still alive.
+
+        Called just before a chunk commits: a session-level advisory lock lasts as long
+        as its session, so a live session means the lock is still ours. A dead one
+        raises, the chunk rolls back, and the retry reconnects and re-takes the lock —
+        so two runs of one job never commit chunks at the same time.
+        """
+        self.store.conn.execute("SELECT 1")
+
     def heartbeat(self) -> None:
         """Mark the run alive (at most every HEARTBEAT_SECONDS: each is a commit); a dropped
         state connection is reopened by the next chunk."""

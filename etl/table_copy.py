@@ -341,6 +341,7 @@ class CopyStep:
                     run_id=self.run.run_id, updated_at=utc_now())
                 spec.limits.check(new.failed, new.processed, written.last_error)
                 records = [r for d in dead for r in d]
+                self.run.assert_lock_held()
                 if spec.state_in_target:
                     insert_dead_letters(self.tconn, records, schema=spec.state_schema)
                     write_checkpoint(self.tconn, new, schema=spec.state_schema)

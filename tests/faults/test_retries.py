@@ -212,3 +212,24 @@ def test_sigterm_while_retrying_stops_resumably(src: str, dst: str) -> None:
                     "--no-progress")
     assert rerun.returncode == 0, rerun.stderr
     _exact(src, dst, json.loads(rerun.stdout))
+
+
+def test_lost_lock_session_never_lets_two_runs_commit(src: str, dst: str, pg_server: str) -> None:
+    """Kill the session holding the job lock and start a second run at once: whichever
+    run holds the lock commits; the other stops. No row is written twice."""
+    _source(src)
+    execute(dst, "CREATE TABLE ev (id bigint, body text, n numeric(10,2))")  # no key: dupes show
+    first = _start(src, dst, "--chunk-size", "500", "--sleep", "0.05")
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        _wait("committed rows", lambda: _done(dst) >= 2000, first)
+        (victim,) = [pid for pid, _, _ in _sessions(admin, first.pid, "state")]
+        admin.execute("SELECT pg_terminate_backend(%s)", (victim,))
+    second = _start(src, dst, "--chunk-size", "500")
+    out2, err2 = second.communicate(timeout=60)
+    out1, err1 = first.communicate(timeout=60)
+    assert {first.returncode, second.returncode} <= {0, 1, 75}, (err1, err2)
+    assert 0 in (first.returncode, second.returncode) or 75 in (first.returncode, second.returncode)
+    final = run_etl("copy", "--source", src, "--target", dst, "--table", "ev", "--json",
+                    "--no-progress")
+    assert final.returncode == 0, final.stderr
+    _exact(src, dst, json.loads(final.stdout))
