@@ -1,6 +1,6 @@
 """Dead letters: list, show, replay and purge the rows a job could not write.
 
-Replay writes each dead-lettered row (its original values, kept as JSON) into
+Replay holds the job's lock (a running job makes it exit 75) and writes each dead-lettered row (its original values, kept as JSON) into
 the job's target table again, one savepoint per row: a row that now goes in
 leaves the queue and moves from ``failed`` to ``succeeded`` in the job's
 checkpoint, in the same transaction when the state store is in the target
@@ -16,6 +16,7 @@ from . import pg
 from .errors import UsageError, sqlstate_of
 from .isolate import is_data_error
 from .model import TableName
+from .state import lock
 from .state.schema import DEFAULT_SCHEMA
 from .state.store import StateStore, _q
 from .urls import DbUrl, parse
@@ -116,6 +117,8 @@ def replay_dead_letters(job: str, *, target: str | DbUrl | None = None,
     result = ReplayResult(job)
     with pg.connect(target_url, "target", autocommit=True) as tconn, \
             pg.connect(state_url, "state", autocommit=True) as stconn:
+        # the job's counts change with each replayed row: not while a run of the job writes them
+        lock.acquire(stconn, job)
         letters = stconn.execute(_q(state_schema, f"SELECT id, row_data FROM {{s}}.dead_letters "
                                                   f"WHERE {where} ORDER BY id"), params).fetchall()
         target_cols = {r[0] for r in tconn.execute(

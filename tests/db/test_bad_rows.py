@@ -163,6 +163,12 @@ def test_dlq_list_show_replay_purge(src: str, dst: str) -> None:
     assert scalar(dst, "SELECT failed FROM etl.checkpoints") == 2
     assert scalar(dst, "SELECT succeeded FROM etl.checkpoints") == ROWS - 2
     execute(dst, "ALTER TABLE ev ALTER COLUMN note DROP NOT NULL")
+    from etl.state.lock import lock_key
+
+    with psycopg.connect(dst, autocommit=True) as running:  # as if the job were running
+        running.execute("SELECT pg_advisory_lock(%s)", (lock_key("copy:public.ev"),))
+        busy = run_etl("dlq", "replay", "--job", "copy:public.ev", "--state", dst)
+        assert busy.returncode == 75 and "already running" in busy.stderr
     assert etl.replay_dead_letters("copy:public.ev", state=dst).replayed == 2
     assert fingerprint_ids(dst) == fingerprint_ids(src)
     execute(dst, "INSERT INTO etl.dead_letters (job_id, error_type, category, error_message) "
