@@ -18,7 +18,7 @@ from .isolate import is_data_error
 from .model import TableName
 from .state import lock
 from .state.schema import DEFAULT_SCHEMA
-from .state.store import StateStore, _q
+from .state.store import StateStore, schema_sql
 from .urls import DbUrl, parse
 
 _COLUMNS = ("id", "job_id", "run_id", "chunk_index", "item_key", "row_data", "error_type",
@@ -64,7 +64,7 @@ def list_dead_letters(job: str, *, state: str | DbUrl | None = None,
     with pg.connect(_state(state), "state", autocommit=True) as conn:
         if not StateStore(conn, state_schema).exists():
             return []
-        cur = conn.execute(_q(state_schema, f"""
+        cur = conn.execute(schema_sql(state_schema, f"""
             SELECT {", ".join(_COLUMNS)} FROM {{s}}.dead_letters WHERE {where}
             ORDER BY id LIMIT %(limit)s"""), {**params, "limit": limit})
         return [dict(zip(_COLUMNS, row, strict=True)) for row in cur]
@@ -73,7 +73,7 @@ def list_dead_letters(job: str, *, state: str | DbUrl | None = None,
 def show_dead_letter(letter_id: int, *, state: str | DbUrl | None = None,
                      state_schema: str = DEFAULT_SCHEMA) -> dict[str, Any]:
     with pg.connect(_state(state), "state", autocommit=True) as conn:
-        row = conn.execute(_q(state_schema, f"SELECT {', '.join(_COLUMNS)} FROM {{s}}.dead_letters "
+        row = conn.execute(schema_sql(state_schema, f"SELECT {', '.join(_COLUMNS)} FROM {{s}}.dead_letters "
                                             "WHERE id = %s"), (letter_id,)).fetchone()
     if row is None:
         raise UsageError(f"no dead letter {letter_id}; `etl dlq list --job JOB` lists them")
@@ -88,7 +88,7 @@ def purge_dead_letters(job: str, *, state: str | DbUrl | None = None,
     with pg.connect(_state(state), "state", autocommit=True) as conn:
         if not StateStore(conn, state_schema).exists():
             return 0
-        return conn.execute(_q(state_schema, f"DELETE FROM {{s}}.dead_letters WHERE {where}"),
+        return conn.execute(schema_sql(state_schema, f"DELETE FROM {{s}}.dead_letters WHERE {where}"),
                             params).rowcount
 
 
@@ -103,7 +103,7 @@ def replay_dead_letters(job: str, *, target: str | DbUrl | None = None,
     state_url = _state(state)
     target_url = parse(target) if target else state_url
     with pg.connect(state_url, "state", autocommit=True) as sconn:
-        job_row = sconn.execute(_q(state_schema, "SELECT job_type, args FROM {s}.jobs "
+        job_row = sconn.execute(schema_sql(state_schema, "SELECT job_type, args FROM {s}.jobs "
                                                  "WHERE job_id = %s"), (job,)).fetchone()
     if job_row is None:
         raise UsageError(f"no job {job!r} in the state store {state_url.masked}; `etl status` "
@@ -119,7 +119,7 @@ def replay_dead_letters(job: str, *, target: str | DbUrl | None = None,
             pg.connect(state_url, "state", autocommit=True) as stconn:
         # the job's counts change with each replayed row: not while a run of the job writes them
         lock.acquire(stconn, job)
-        letters = stconn.execute(_q(state_schema, f"SELECT id, row_data FROM {{s}}.dead_letters "
+        letters = stconn.execute(schema_sql(state_schema, f"SELECT id, row_data FROM {{s}}.dead_letters "
                                                   f"WHERE {where} ORDER BY id"), params).fetchall()
         target_cols = {r[0] for r in tconn.execute(
             "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
@@ -143,7 +143,7 @@ def replay_dead_letters(job: str, *, target: str | DbUrl | None = None,
             except Exception as exc:
                 if not is_data_error(exc):
                     raise
-                stconn.execute(_q(state_schema, """
+                stconn.execute(schema_sql(state_schema, """
                     UPDATE {s}.dead_letters SET attempts = attempts + 1, error_type = %s,
                         sqlstate = %s, error_message = %s, created_at = now() WHERE id = %s"""),
                     (type(exc).__name__, sqlstate_of(exc), pg.describe_error(exc, target_url),
@@ -154,7 +154,7 @@ def replay_dead_letters(job: str, *, target: str | DbUrl | None = None,
 
 def _settle(conn: Any, schema: str, job: str, letter_id: int) -> None:
     """The row is in the target: drop its letter, move it from failed to succeeded."""
-    conn.execute(_q(schema, "DELETE FROM {s}.dead_letters WHERE id = %s"), (letter_id,))
-    conn.execute(_q(schema, """UPDATE {s}.checkpoints SET failed = failed - 1,
+    conn.execute(schema_sql(schema, "DELETE FROM {s}.dead_letters WHERE id = %s"), (letter_id,))
+    conn.execute(schema_sql(schema, """UPDATE {s}.checkpoints SET failed = failed - 1,
                                succeeded = succeeded + 1, updated_at = now()
                                WHERE job_id = %s AND partition = '' AND failed > 0"""), (job,))

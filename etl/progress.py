@@ -172,12 +172,8 @@ class BarProgress:
 
 
 def make_progress(enabled: bool | None, stream: TextIO | None = None) -> Progress:
-    """``None`` = auto: a bar on a TTY, lines otherwise; ``False`` = silent."""
+    """A bar on a TTY, milestone lines otherwise; ``False`` = silent (``True``/``None`` alike)."""
     stream = stream or sys.stderr
     if enabled is False:
         return NoProgress()
-    if enabled is None and not stream.isatty():
-        return LineProgress(stream)
-    if stream.isatty():
-        return BarProgress(stream)
-    return LineProgress(stream)
+    return BarProgress(stream) if stream.isatty() else LineProgress(stream)

@@ -193,12 +193,14 @@ def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
         progress.advance(outcome.rows, outcome.bytes)
         if on_chunk is not None:
             on_chunk(outcome)
-        _pace(pacing, t0, rows, stop)
+        # a short chunk was the last one: no --sleep before finding the end (--max-rate
+        # still holds, so the run's average stays under it)
+        _pace(pacing, t0, rows, stop, sleep=outcome.rows >= size)
 
 
-def _pace(pacing: Pacing, t0: float, rows: int, stop: StopFlag) -> None:
+def _pace(pacing: Pacing, t0: float, rows: int, stop: StopFlag, *, sleep: bool = True) -> None:
     """Sleep for --sleep, and long enough that rows/elapsed stays under --max-rate."""
-    wait = pacing.sleep
+    wait = pacing.sleep if sleep else 0.0
     if pacing.max_rate:
         wait = max(wait, rows / pacing.max_rate - (time.monotonic() - t0))
     deadline = time.monotonic() + wait

@@ -383,16 +383,13 @@ class CopyStep:
 
             found = isolate(lower, upper, rows, exc, write=write_range,
                             split=lambda lo, n: self._split(lo, n),
-                            count=self._count if not self.plan.unique_key else None,
+                            count=None if self.plan.unique_key else self.source.count_range,
                             give_up=give_up)
             out.rows, out.bad = found.good_rows, found.bad
             if found.bad:
                 out.last_error = pg.describe_error(found.bad[-1].error, self.plan.spec.target)
         out.checksum = digest.hexdigest()
         return out
-
-    def _count(self, lower: Bound | None, upper: Bound) -> int:
-        return self.source.count_range(lower, upper)
 
     def _split(self, lower: Bound | None, n: int) -> Bound:
         bound = self.source.next_bound(lower.text if lower else None, n)

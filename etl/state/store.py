@@ -24,7 +24,8 @@ STALE_RUN_MESSAGE = ("the process ended without closing this run (killed, crashe
                      "connection); the next run resumed from the last checkpoint")
 
 
-def _q(schema: str, sql_text: str):
+def schema_sql(schema: str, sql_text: str):
+    """``sql_text`` with ``{s}`` as the quoted state schema."""
     from psycopg import sql
 
     return sql.SQL(sql_text).format(s=sql.Identifier(schema))
@@ -34,7 +35,7 @@ def write_checkpoint(conn: psycopg.Connection, cp: Checkpoint, *, finished: bool
                      schema: str = DEFAULT_SCHEMA) -> None:
     """Upsert the job's checkpoint in ``conn``'s current transaction."""
     conn.execute(
-        _q(schema, """
+        schema_sql(schema, """
         INSERT INTO {s}.checkpoints AS c (job_id, partition, run_id, chunk_index, last_key,
             processed, succeeded, failed, skipped, bytes, checksum, finished, updated_at)
         VALUES (%(job_id)s, '', %(run_id)s, %(chunk_index)s, %(last_key)s::jsonb, %(processed)s,
@@ -63,7 +64,7 @@ def insert_dead_letters(conn: psycopg.Connection, rows: list[dict[str, Any]],
         return
     with conn.cursor() as cur:
         cur.executemany(
-            _q(schema, """
+            schema_sql(schema, """
             INSERT INTO {s}.dead_letters (job_id, run_id, chunk_index, item_key, row_data,
                 error_type, sqlstate, category, error_message, attempts)
             VALUES (%(job_id)s, %(run_id)s, %(chunk_index)s, %(item_key)s::jsonb,
@@ -81,7 +82,7 @@ def read_checkpoint(conn: psycopg.Connection, job_id: str,
     if installed_version(conn, schema) == 0:
         return None
     row = conn.execute(
-        _q(schema, """
+        schema_sql(schema, """
         SELECT chunk_index, last_key,
                CASE WHEN last_key IS NULL THEN NULL
                     ELSE array(SELECT jsonb_array_elements_text(last_key)) END,
@@ -119,7 +120,7 @@ class StateStore:
         return installed_version(self.conn, self.schema) > 0
 
     def _exec(self, sql_text: str, params: Any = None):
-        return self.conn.execute(_q(self.schema, sql_text), params)
+        return self.conn.execute(schema_sql(self.schema, sql_text), params)
 
     # -- jobs and runs -----------------------------------------------------
     def register_job(self, job_id: str, job_type: str, args: dict[str, Any]) -> None:

@@ -48,3 +48,11 @@ def test_auto_chunks_grow_from_the_first_size(src: str, dst: str) -> None:
     assert seen.sizes[0] == 20_000 and max(seen.sizes) > 20_000
     assert sum(seen.sizes) == 200_000
     assert fingerprint(dst, "ev") == fingerprint(src, "ev")
+
+
+def test_no_sleep_after_the_last_short_chunk(src: str, dst: str) -> None:
+    _rows(src, 250)
+    t0 = time.monotonic()
+    result = etl.copy(source=src, target=dst, table="ev", chunk_size=100, sleep=1.0)
+    assert result.succeeded == 250
+    assert 2.0 <= time.monotonic() - t0 < 2.9  # after chunks 1 and 2, not after chunk 3

@@ -236,6 +236,14 @@ def assert_one_line_error(stderr: str) -> str:
     return lines[0]
 
 
+def resume_exactly(src: str, dst: str, done: int) -> None:
+    """A rerun copies exactly the rows the interrupted run had not committed."""
+    again = complete(src, dst)
+    assert again["metadata"]["rows_this_run"] == ROWS - done
+    assert_totals(again, ROWS)
+    assert_exact_copy(src, dst)
+
+
 def complete(src: str, dst: str, *extra: str, table: str = "ev") -> dict:
     """Rerun the job to the end; returns its report."""
     done = run_etl(*copy_args(src, dst, "--json", *extra, table=table))
@@ -329,10 +337,7 @@ def test_signal_stops_at_chunk_boundary_then_resumes(src: str, dst: str, probe: 
     assert scalar(dst, "SELECT status FROM etl.runs WHERE run_id = %s",
                   (report["run_id"],)) == "stopped"
 
-    again = complete(src, dst)
-    assert again["metadata"]["rows_this_run"] == ROWS - done
-    assert_totals(again, ROWS)
-    assert_exact_copy(src, dst)
+    resume_exactly(src, dst, done)
 
 
 # -- 4. --max-runtime -----------------------------------------------------------------------
@@ -351,10 +356,7 @@ def test_max_runtime_stops_then_rerun_completes(src: str, dst: str, probe: Probe
     assert 0 < done < ROWS
     assert report["last_checkpoint"]["processed_count"] == done
 
-    again = complete(src, dst)
-    assert again["metadata"]["rows_this_run"] == ROWS - done
-    assert_totals(again, ROWS)
-    assert_exact_copy(src, dst)
+    resume_exactly(src, dst, done)
 
 
 # -- 5. one active run per job ------------------------------------------------------------------
@@ -427,10 +429,7 @@ def test_terminated_target_connection_without_retries_fails_cleanly_then_rerun_c
     assert scalar(dst, "SELECT status FROM etl.runs WHERE run_id = %s",
                   (report["run_id"],)) == "failed"
 
-    again = complete(src, dst)
-    assert again["metadata"]["rows_this_run"] == ROWS - done
-    assert_totals(again, ROWS)
-    assert_exact_copy(src, dst)
+    resume_exactly(src, dst, done)
 
 
 # -- 7. --restart -----------------------------------------------------------------------------

@@ -150,16 +150,26 @@ def _own_dbs(url: str) -> tuple[str, str]:
     return db_url(url, "src"), db_url(url, "dst")
 
 
-def test_server_restart_mid_run_is_retried(own_server: tuple[Path, str]) -> None:
+def _run_then_stop_server(own_server: tuple[Path, str], *retry: str
+                          ) -> tuple[str, str, subprocess.Popen[str]]:
+    """A slow copy on a server the test owns, which is stopped once rows are committed."""
     from etl import embedded
 
     home, url = own_server
     src, dst = _own_dbs(url)
     _source(src)
-    proc = _start(src, dst, "--chunk-size", "500", "--sleep", "0.03", "--retries", "10",
-                  "--retry-max-wait", "2s")
+    proc = _start(src, dst, "--chunk-size", "500", "--sleep", "0.03", *retry)
     _wait("committed rows", lambda: _done(dst) >= 2000, proc)
     embedded.stop(home)
+    return src, dst, proc
+
+
+def test_server_restart_mid_run_is_retried(own_server: tuple[Path, str]) -> None:
+    from etl import embedded
+
+    src, dst, proc = _run_then_stop_server(own_server, "--retries", "10",
+                                           "--retry-max-wait", "2s")
+    home = own_server[0]
     time.sleep(0.5)
     embedded.start(home)
     out, err = proc.communicate(timeout=90)
@@ -173,13 +183,8 @@ def test_server_down_past_the_retry_budget_fails_then_rerun_finishes(
         own_server: tuple[Path, str]) -> None:
     from etl import embedded
 
-    home, url = own_server
-    src, dst = _own_dbs(url)
-    _source(src)
-    proc = _start(src, dst, "--chunk-size", "500", "--sleep", "0.03", "--retries", "2",
-                  "--retry-max-wait", "0.2s")
-    _wait("committed rows", lambda: _done(dst) >= 2000, proc)
-    embedded.stop(home)
+    src, dst, proc = _run_then_stop_server(own_server, "--retries", "2", "--retry-max-wait", "0.2s")
+    home = own_server[0]
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 1, err
     assert "Traceback" not in err
