@@ -78,9 +78,6 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
     from .jobrun import JobRun
 
     parsed_mode = opt.parse_mode(mode)
-    if parsed_mode in (Mode.UPSERT, Mode.IGNORE):
-        raise UsageError(f"--mode {parsed_mode.value} is not available yet for PostgreSQL COPY "
-                         "targets; use append or replace")
     pacing = Pacing(
         chunk_size=opt.parse_chunk_size(chunk_size),
         chunk_seconds=opt.positive(chunk_seconds, "--chunk-seconds") or DEFAULT_CHUNK_SECONDS,

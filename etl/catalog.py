@@ -76,6 +76,26 @@ def describe(conn: psycopg.Connection, table: TableName, *, role: str = "source"
     return TableInfo(table, cols, pk, estimated)
 
 
+_UNIQUE_SQL = """
+SELECT array_agg(a.attname::text ORDER BY k.ord)
+FROM pg_index i
+CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = %(oid)s AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+GROUP BY i.indexrelid, i.indisprimary
+ORDER BY i.indisprimary DESC, i.indexrelid
+"""
+
+
+def unique_keys(conn: psycopg.Connection, table: TableName) -> list[tuple[str, ...]]:
+    """Column sets with a unique index on ``table`` (the primary key first): what
+    ``ON CONFLICT`` can name."""
+    oid = table_oid(conn, table)
+    if oid is None:
+        return []
+    return [tuple(r[0]) for r in conn.execute(_UNIQUE_SQL, {"oid": oid})]
+
+
 def resolve_key(info: TableInfo, key: tuple[str, ...] | None) -> tuple[str, ...]:
     """The chunking key: ``--key`` when given (checked), else the primary key."""
     names = {c.name for c in info.columns}

@@ -6,6 +6,13 @@ kept; one that fails with a data error is halved (by key, found with the same
 keyset walk as chunks) and each half tried again, down to single rows, which
 become dead letters. Good rows then commit with the chunk's checkpoint.
 Transient and fatal errors are not isolated: they end the attempt as a whole.
+
+When the error says which row of the range failed (PostgreSQL's COPY names the
+line of a CHECK, NOT NULL, type or unique violation), the range is cut there
+instead of halved: the rows before it go in as one write, the named row is tried
+alone, and the rest continues. A bad row then costs one failed attempt instead
+of a bisection. The hint is only trusted once per range: a prefix that fails
+again is bisected, so a wrong hint costs time, never correctness.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ def isolate(lo: K | None, hi: K, rows: int, error: BaseException, *,
             write: Callable[[K | None, K], int],
             split: Callable[[K | None, int], K],
             count: Callable[[K | None, K], int] | None,
-            give_up: Callable[[int, BaseException], None] = lambda bad, exc: None) -> Isolation[K]:
+            give_up: Callable[[int, BaseException], None] = lambda bad, exc: None,
+            locate: Callable[[BaseException], int | None] = lambda exc: None) -> Isolation[K]:
     """Write the good rows of ``(lo, hi]`` (``rows`` rows, whose write failed with ``error``).
 
     ``write(lo, hi)`` writes a range in a savepoint and returns its row count, or
@@ -52,13 +60,16 @@ def isolate(lo: K | None, hi: K, rows: int, error: BaseException, *,
     ``count(lo, hi)`` counts a range's rows (None when keys are unique, so that the
     first ``n`` rows after ``lo`` are exactly ``n``); ``give_up(bad, error)`` is called with
     the number of bad ranges found so far and may raise to end the isolation early
-    (a threshold already crossed: no point in bisecting the rest).
+    (a threshold already crossed: no point in bisecting the rest); ``locate(error)`` is
+    the 1-based position of the failing row within the range written, when the error
+    says (only used when keys are unique).
     """
     result: Isolation[K] = Isolation()
     # depth-first, left to right, so rows are written in key order
-    stack: list[tuple[K | None, K, int, BaseException | None]] = [(lo, hi, rows, error)]
+    stack: list[tuple[K | None, K, int, BaseException | None, bool]] = [
+        (lo, hi, rows, error, True)]
     while stack:
-        a, b, n, failed = stack.pop()
+        a, b, n, failed, trust_hint = stack.pop()
         if n == 0:
             continue
         if failed is None:
@@ -74,12 +85,21 @@ def isolate(lo: K | None, hi: K, rows: int, error: BaseException, *,
             result.bad.append(BadRange(a, b, failed))
             give_up(len(result.bad), failed)
             continue
+        at = locate(failed) if trust_hint and count is None else None
+        if at is not None and 1 <= at <= n:
+            before = split(a, at - 1) if at > 1 else a
+            after = split(before, 1)
+            stack.append((after, b, n - at, None, True))
+            stack.append((before, after, 1, None, False))
+            if before is not None and at > 1:
+                stack.append((a, before, at - 1, None, False))
+            continue
         mid = split(a, n // 2)
         left = count(a, mid) if count is not None else n // 2
         if left == 0 or left == n:  # all n rows share one key value: it cannot be split
             result.bad.append(BadRange(a, b, failed))
             give_up(len(result.bad), failed)
             continue
-        stack.append((mid, b, n - left, None))
-        stack.append((a, mid, left, None))
+        stack.append((mid, b, n - left, None, True))
+        stack.append((a, mid, left, None, True))
     return result

@@ -101,6 +101,7 @@ class Checkpoint:
     checksum: str | None = None
     run_id: str | None = None
     updated_at: str | None = None
+    outcomes: dict[str, int] = field(default_factory=dict)  # inserted, updated, unchanged, …
 
 
 @dataclass(frozen=True)

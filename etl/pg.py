@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import TYPE_CHECKING
 
@@ -71,3 +72,22 @@ def describe_error(exc: BaseException, url: DbUrl | None = None) -> str:
 def is_usable(conn: psycopg.Connection) -> bool:
     """False once the server or the network dropped the connection (or it was closed)."""
     return not (conn.closed or conn.broken)
+
+
+# COPY's error context names the input line being processed: "COPY t, line 42[, column c]: …"
+# (the word "line" is translated with lc_messages, so only the shape is matched).
+_COPY_LINE = re.compile(r"^COPY .*?, \w+ (\d+)(?:[,:]|$)")
+
+
+def copy_error_line(exc: BaseException) -> int | None:
+    """The 1-based row of a COPY FROM that a data error came from, when the server says.
+
+    Used only to find a bad row faster; a missing or wrong hint falls back to bisection.
+    Foreign-key violations are checked at the end of the statement and carry no line.
+    """
+    diag = getattr(exc, "diag", None)
+    context = getattr(diag, "context", None) if diag is not None else None
+    if not context:
+        return None
+    match = _COPY_LINE.match(context.splitlines()[0])
+    return int(match.group(1)) if match else None

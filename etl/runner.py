@@ -28,9 +28,6 @@ AUTO_MAX_CHUNK = 1_000_000         # bounds memory held by one COPY transaction'
 AUTO_MAX_GROWTH = 4.0              # grow at most ×4 per chunk: reach the target in a few chunks
                                    # without one fast chunk overshooting it
 RATE_SMOOTHING = 0.3               # EWMA weight of the newest chunk's rows/s
-AUTO_SHRINK_ON_DATA_ERROR = 16     # after bad rows, chunks shrink this much: a failed attempt
-                                   # wastes up to a chunk, so bad rows are cheaper in small ones
-AUTO_GROWTH_AFTER_DATA_ERRORS = 1.25 # and grow back slowly: data with one bad row has more
 DEFAULT_CHUNK_SECONDS = 2.0        # SPEC.md default for --chunk-seconds
 
 
@@ -58,18 +55,9 @@ class ChunkSizer:
             self.hi = max(self.lo, min(self.hi, int(pacing.max_rate * self.target)))
         self.size = self.fixed or max(self.lo, min(AUTO_FIRST_CHUNK, self.hi))
         self.rate: float | None = None
-        self.growth = AUTO_MAX_GROWTH
 
     def next_size(self) -> int:
         return self.size
-
-    def observe_data_errors(self) -> None:
-        """A chunk had bad rows: the next chunks are much smaller, so that isolating the
-        next bad row (a failed attempt, then bisection) costs little; clean chunks grow
-        the size back."""
-        if not self.fixed:
-            self.size = max(self.lo, self.size // AUTO_SHRINK_ON_DATA_ERROR)
-            self.growth = AUTO_GROWTH_AFTER_DATA_ERRORS
 
     def observe(self, rows: int, seconds: float) -> None:
         if self.fixed or rows <= 0 or seconds <= 0:
@@ -81,7 +69,7 @@ class ChunkSizer:
         wanted = int(self.rate * self.target)
         if seconds > 2 * self.target:  # a slow chunk: shrink at once, without smoothing
             wanted = int(now * self.target)
-        self.size = max(self.lo, min(self.hi, wanted, int(self.size * self.growth)))
+        self.size = max(self.lo, min(self.hi, wanted, int(self.size * AUTO_MAX_GROWTH)))
 
 
 class StopFlag:
@@ -188,8 +176,6 @@ def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
         rows += outcome.rows
         nbytes += outcome.bytes
         sizer.observe(outcome.rows, seconds)
-        if outcome.errors:
-            sizer.observe_data_errors()
         progress.advance(outcome.rows, outcome.bytes)
         if on_chunk is not None:
             on_chunk(outcome)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,8 @@ from .model import Category, Checkpoint, Column, Mode, Status, TableName
 from .report import Result, RowError, utc_now
 from .retry import RetryPolicy, RetryStats
 from .runner import Pacing, StepOutcome, StopFlag, run_loop
-from .sinks.pg_copy import PgCopySink
+from .sinks.pg_copy import PgCopySink, WriteStats
+from .sinks.pg_merge import PgMergeSink
 from .sources.pg import Bound, KeysetQuery, PgKeysetSource
 from .state.store import insert_dead_letters, read_checkpoint, write_checkpoint
 from .thresholds import ErrorLimits
@@ -35,6 +37,11 @@ log = logging.getLogger(__name__)
 # (as pt-archiver does): long enough for ordinary row locks, short enough not to queue
 # behind a migration's ACCESS EXCLUSIVE lock and block everyone else.
 DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
+
+# After a data error, chunks are written as COPY statements of this many rows, each in a
+# savepoint of the chunk's transaction: a failed statement wastes at most this much work,
+# and a statement boundary costs a round trip where a smaller chunk would cost a commit.
+PIECE_ROWS_AFTER_DATA_ERRORS = 25_000
 
 # Serialises the creation of target tables, schemas and types by concurrent etl processes.
 _TARGET_DDL_LOCK_ID = 0x6574_6C5F_6464_6C  # "etl_ddl"
@@ -105,6 +112,7 @@ class CopyPlan:
     estimated_rows: int
     ddl: tuple[str, ...]          # statements that create the target when it is missing
     unique_key: bool = True       # the key is the primary key: one row per key value
+    conflict_key: tuple[str, ...] = ()  # upsert/ignore: the target's unique columns to match on
 
     @property
     def query(self) -> KeysetQuery:
@@ -142,10 +150,34 @@ def make_plan(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connecti
         )
     else:
         ddl = _target_ddl(spec, sconn, tconn, columns, info.primary_key)
+    conflict_key: tuple[str, ...] = ()
+    if spec.mode in (Mode.UPSERT, Mode.IGNORE):
+        conflict_key = _conflict_key(spec, tconn, target_exists, info.primary_key, key_names,
+                                     {c.name for c in columns})
     sconn.rollback()
     tconn.rollback()
     return CopyPlan(spec, columns, key, info.primary_key, target_exists, binary,
-                    info.estimated_rows, ddl, unique_key=key_names == info.primary_key)
+                    info.estimated_rows, ddl, unique_key=key_names == info.primary_key,
+                    conflict_key=conflict_key)
+
+
+def _conflict_key(spec: CopySpec, tconn: psycopg.Connection, target_exists: bool,
+                  source_pk: tuple[str, ...], key: tuple[str, ...],
+                  copied: set[str]) -> tuple[str, ...]:
+    """The target columns that upsert/ignore match rows on: its primary key, else the
+    first unique index on copied columns."""
+    if not target_exists:  # created from the source: its primary key
+        candidates = [source_pk] if source_pk and set(source_pk) <= copied else []
+    else:
+        candidates = catalog.unique_keys(tconn, spec.target_table)
+    usable = [c for c in candidates if set(c) <= copied]
+    if usable:  # the primary key comes first
+        return usable[0]
+    raise UsageError(
+        f"--mode {spec.mode.value} matches rows on a primary key or unique index of the "
+        f"target, and {spec.target_table} has none on the copied columns; add one (e.g. "
+        f"ALTER TABLE {spec.target_table} ADD PRIMARY KEY ({', '.join(key)})), or use "
+        "--mode append")
 
 
 def _check_where(sconn: psycopg.Connection, spec: CopySpec) -> None:
@@ -280,6 +312,13 @@ class _Written:
     checksum: str
     bad: list[BadRange[Bound]] = dataclasses.field(default_factory=list)
     last_error: str | None = None
+    outcomes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        """Rows written but not kept: their key existed (ignore) or a later row of the
+        chunk had the same key."""
+        return self.outcomes.get("ignored", 0) + self.outcomes.get("superseded", 0)
 
 
 class CopyStep:
@@ -294,13 +333,23 @@ class CopyStep:
         self.plan = plan
         self.run = run
         self.replay_guard = replay_guard
-        self.source = PgKeysetSource(sconn, plan.query, binary=plan.binary)
+        self.piece_rows: int | None = None  # set once the run meets a data error
+        # upsert/ignore read each chunk in key order: of rows sharing a target key, the
+        # last in key order wins
+        self.ordered = plan.spec.mode in (Mode.UPSERT, Mode.IGNORE)
+        self.source = PgKeysetSource(sconn, plan.query, binary=plan.binary, ordered=self.ordered)
         self._use_target(tconn)
 
     def _use_target(self, tconn: psycopg.Connection) -> None:
         self.tconn = tconn
-        self.sink = PgCopySink(tconn, self.plan.spec.target_table, self.plan.columns,
-                               binary=self.plan.binary)
+        spec = self.plan.spec
+        self.sink: PgCopySink | PgMergeSink
+        if spec.mode in (Mode.UPSERT, Mode.IGNORE):
+            self.sink = PgMergeSink(tconn, spec.target_table, self.plan.columns,
+                                    self.plan.conflict_key, spec.mode, binary=self.plan.binary)
+        else:
+            self.sink = PgCopySink(tconn, spec.target_table, self.plan.columns,
+                                   binary=self.plan.binary)
 
     def ensure_connected(self) -> None:
         spec = self.plan.spec
@@ -308,7 +357,7 @@ class CopyStep:
             log.info("reconnecting to the source database")
             self.source = PgKeysetSource(
                 pg.connect(spec.source, "source", autocommit=True, reconnect=True),
-                self.plan.query, binary=self.plan.binary)
+                self.plan.query, binary=self.plan.binary, ordered=self.ordered)
         if not pg.is_usable(self.tconn):
             log.info("reconnecting to the target database")
             self._use_target(pg.connect(spec.target, "target", autocommit=True, reconnect=True,
@@ -336,7 +385,9 @@ class CopyStep:
                 new = dataclasses.replace(
                     cp, chunk_index=cp.chunk_index + 1, last_key=bound.text,
                     last_key_json=bound.json, processed=cp.processed + written.rows + failed,
-                    succeeded=cp.succeeded + written.rows, failed=cp.failed + failed,
+                    succeeded=cp.succeeded + written.rows - written.skipped,
+                    failed=cp.failed + failed, skipped=cp.skipped + written.skipped,
+                    outcomes=_add(cp.outcomes, written.outcomes),
                     bytes=cp.bytes + written.bytes, checksum=written.checksum,
                     run_id=self.run.run_id, updated_at=utc_now())
                 spec.limits.check(new.failed, new.processed, written.last_error)
@@ -357,39 +408,113 @@ class CopyStep:
         return StepOutcome(new, written.rows + failed, written.bytes, errors)
 
     def _write(self, lower: Bound | None, upper: Bound, cp: Checkpoint) -> _Written:
-        """COPY the chunk; on a data error, bisect it so the good rows still go in."""
-        digest = hashlib.blake2b(digest_size=16)
+        """COPY the chunk; on a data error, isolate the bad rows so the good ones still go in.
+
+        The chunk goes as one COPY statement until the run meets its first bad row.
+        From then on (unique keys), chunks are written as statements of
+        ``piece_rows`` rows cut from one source stream, each in a savepoint and kept
+        in memory until it is written, so a bad row costs one failed statement of a
+        piece and is isolated in memory. Other keys are bisected by key range.
+        """
         out = _Written(rows=0, bytes=0, checksum="")
+        digest = hashlib.blake2b(digest_size=16)
 
         def write_range(lo: Bound | None, hi: Bound) -> int:
-            with self.tconn.transaction():  # a savepoint: a failure undoes this range only
-                stats = self.sink.write(self.source.copy_out(lo.text if lo else None, hi))
-            out.bytes += stats.bytes
-            digest.update(bytes.fromhex(stats.checksum))
-            return stats.rows
+            return self._commit_piece(self.sink.write, self.source.copy_out(lo.text if lo else None, hi),
+                                      out, digest)
 
-        try:
-            out.rows = write_range(lower, upper)
-        except Exception as exc:
-            if not is_data_error(exc):
-                raise
-            rows = self.source.count_range(lower, upper)
-            log.warning("chunk after key %s: %s; isolating the bad rows among %d",
-                        lower.json if lower else "(start)", pg.describe_error(exc)[:200], rows)
-            def give_up(bad: int, error: BaseException) -> None:
-                # already over a threshold even if every other row of the chunk is good
-                self.plan.spec.limits.check(cp.failed + bad, cp.processed + rows,
-                                            pg.describe_error(error, self.plan.spec.target))
-
-            found = isolate(lower, upper, rows, exc, write=write_range,
-                            split=lambda lo, n: self._split(lo, n),
-                            count=None if self.plan.unique_key else self.source.count_range,
-                            give_up=give_up)
-            out.rows, out.bad = found.good_rows, found.bad
-            if found.bad:
-                out.last_error = pg.describe_error(found.bad[-1].error, self.plan.spec.target)
+        if self.piece_rows is None:
+            try:
+                out.rows = write_range(lower, upper)
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                if not self.plan.unique_key:
+                    self._bisect_by_key(lower, upper, exc, write_range, cp, out)
+                else:
+                    log.info("bad rows found: from here on chunks are written as COPY "
+                             "statements of %d rows, so the next bad row costs little",
+                             PIECE_ROWS_AFTER_DATA_ERRORS)
+                    self.piece_rows = PIECE_ROWS_AFTER_DATA_ERRORS
+        if self.piece_rows is not None and not out.rows and not out.bad:
+            self._write_pieces(lower, upper, cp, out, digest)
+        if out.bad:
+            out.last_error = pg.describe_error(out.bad[-1].error, self.plan.spec.target)
         out.checksum = digest.hexdigest()
         return out
+
+    def _commit_piece(self, write: Callable[[Any], WriteStats], data: Any, out: _Written,
+                      digest: Any) -> int:
+        """Write in a savepoint: a failure undoes this piece only."""
+        with self.tconn.transaction():
+            stats = write(data)
+        for name, n in (stats.outcomes or {}).items():
+            out.outcomes[name] = out.outcomes.get(name, 0) + n
+        out.bytes += stats.bytes
+        digest.update(bytes.fromhex(stats.checksum))
+        return stats.rows
+
+    def _write_pieces(self, lower: Bound | None, upper: Bound, cp: Checkpoint, out: _Written,
+                      digest: Any) -> None:
+        assert self.piece_rows is not None
+        size = self.piece_rows
+        spec = self.plan.spec
+        done = 0
+        bad: list[tuple[int, BaseException]] = []  # 1-based position in the chunk, error
+        with self.source.row_stream(lower.text if lower else None, upper) as stream:
+            while not stream.done:
+                piece: list[bytes] = []
+                blocks = stream.piece(size, piece)
+                try:
+                    out.rows += self._commit_piece(self.sink.write, blocks, out, digest)
+                except Exception as exc:
+                    if not is_data_error(exc):
+                        raise
+                    for _ in blocks:  # the error may have cut the write short: read the rest
+                        pass
+                    offset = done
+
+                    def give_up(n_bad: int, error: BaseException, offset: int = offset) -> None:
+                        spec.limits.check(cp.failed + len(bad) + n_bad,
+                                          cp.processed + offset + size,
+                                          pg.describe_error(error, spec.target))
+
+                    def write_slice(a: int | None, b: int, piece: list[bytes] = piece) -> int:
+                        return self._commit_piece(self.sink.write_rows, piece[a or 0:b], out,
+                                                  digest)
+
+                    found = isolate(0, len(piece), len(piece), exc, write=write_slice,
+                                    split=lambda a, n: (a or 0) + n, count=None,
+                                    give_up=give_up, locate=pg.copy_error_line)
+                    out.rows += found.good_rows
+                    bad.extend((offset + b.hi, b.error) for b in found.bad)
+                done += len(piece)
+        # the source stream is finished: now its connection can look up the bad rows' keys
+        for position, error in bad:
+            before = self.source.next_bound(lower.text if lower else None, position - 1) \
+                if position > 1 else lower
+            at = self._split(lower, position)
+            out.bad.append(BadRange(before, at, error))
+
+    def _bisect_by_key(self, lo: Bound | None, hi: Bound, exc: Exception,
+                       write_range: Callable[[Bound | None, Bound], int], cp: Checkpoint,
+                       out: _Written) -> None:
+        """Keys that are not unique: halve the key range until each bad key stands alone."""
+        spec = self.plan.spec
+        rows = self.source.count_range(lo, hi)
+        log.warning("rows after key %s: %s; isolating the bad rows among %d",
+                    lo.json if lo else "(start)", pg.describe_error(exc)[:200], rows)
+
+        def give_up(bad: int, error: BaseException) -> None:
+            # already over a threshold even if every other row of the range is good
+            spec.limits.check(cp.failed + bad, cp.processed + rows,
+                              pg.describe_error(error, spec.target))
+
+        found = isolate(lo, hi, rows, exc, write=write_range,
+                        split=lambda a, n: self._split(a, n),
+                        count=self.source.count_range, give_up=give_up)
+        out.rows += found.good_rows
+        out.bad.extend(found.bad)
 
     def _split(self, lower: Bound | None, n: int) -> Bound:
         bound = self.source.next_bound(lower.text if lower else None, n)
@@ -532,9 +657,15 @@ def _fail(result: Result, exc: BaseException, message: str) -> None:
                               category=classify(exc).value, error_message=message))
 
 
+def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+
+
 def _fill_counts(result: Result, cp: Checkpoint) -> None:
     result.processed, result.succeeded = cp.processed, cp.succeeded
     result.failed, result.skipped = cp.failed, cp.skipped
+    if cp.outcomes:
+        result.metadata["outcomes"] = dict(sorted(cp.outcomes.items()))
     result.total_items = max(result.total_items, cp.processed)
     result.metadata["num_chunks"] = cp.chunk_index
     result.metadata["bytes"] = cp.bytes

@@ -21,9 +21,13 @@ from .common import job_options, render
 @click.option("--columns", metavar="COL[,COL…]", help="Copy only these columns (must include the key).")
 @click.option("--where", metavar="SQL",
               help="Copy only rows matching this SQL condition (trusted operator input).")
-@click.option("--mode", type=click.Choice(["append", "replace"]), default="append", show_default=True,
+@click.option("--mode", type=click.Choice(["append", "replace", "upsert", "ignore"]),
+              default="append", show_default=True,
               help="append: insert the rows; replace: empty the target once at the start of a "
-                   "fresh run, then insert.")
+                   "fresh run, then insert; upsert: insert new keys and update rows whose values "
+                   "changed (unchanged rows are not rewritten); ignore: insert new keys, keep "
+                   "existing rows. upsert/ignore match on the target's primary key or a unique "
+                   "index.")
 @click.option("--create/--no-create", default=True, show_default=True,
               help="Create a missing target table from the source's definition.")
 @job_options

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..model import Column, TableName
+from ..sources.pg import BINARY_HEADER, BINARY_TRAILER, COPY_BLOCK_BYTES
 
 if TYPE_CHECKING:
     import psycopg
@@ -18,6 +19,7 @@ class WriteStats:
     rows: int
     bytes: int
     checksum: str
+    outcomes: dict[str, int] | None = None  # upsert/ignore: inserted, updated, unchanged, …
 
 
 class PgCopySink:
@@ -48,6 +50,23 @@ class PgCopySink:
                     copy.write(block)
             rows = cur.rowcount
         return WriteStats(rows=max(rows, 0), bytes=nbytes, checksum=digest.hexdigest())
+
+    def write_rows(self, rows: Iterable[bytes]) -> WriteStats:
+        """COPY rows cut from a source's COPY data (binary rows get the header and trailer)."""
+        return self.write(self.blocks_of(rows))
+
+    def blocks_of(self, rows: Iterable[bytes]) -> Iterator[bytes]:
+        """Rows cut from a COPY stream, as complete COPY data in blocks."""
+        buf = bytearray(BINARY_HEADER if self.binary else b"")
+        for row in rows:
+            buf += row
+            if len(buf) >= COPY_BLOCK_BYTES:
+                yield bytes(buf)
+                buf.clear()
+        if self.binary:
+            buf += BINARY_TRAILER
+        if buf:
+            yield bytes(buf)
 
     def truncate(self) -> None:
         from psycopg import sql

@@ -9,7 +9,8 @@ into Python objects. Composite keys are compared as row values.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,12 @@ if TYPE_CHECKING:
 
 # Rows are handed to the target in blocks of about this size (fewer, larger writes).
 COPY_BLOCK_BYTES = 256 * 1024
+
+# Binary COPY framing: an 11-byte signature, 32-bit flags and a 32-bit header extension
+# length before the first row; a field count of -1 after the last.
+BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+BINARY_HEADER = BINARY_SIGNATURE + bytes(8)
+BINARY_TRAILER = b"\xff\xff"
 
 
 @dataclass(frozen=True)
@@ -103,11 +110,17 @@ class KeysetQuery:
         return sql.SQL("SELECT {} FROM {}{}").format(cols, self._ident(),
                                                      self._filter(has_lower, has_upper))
 
-    def copy_out_sql(self, has_lower: bool, binary: bool) -> sqlmod.Composed:
+    def copy_out_sql(self, has_lower: bool, binary: bool, ordered: bool = False) -> sqlmod.Composed:
+        """COPY of one chunk; ``ordered`` sends its rows in key order (so that the n-th
+        row of the stream is the n-th key of the chunk)."""
         from psycopg import sql
 
         fmt = sql.SQL("binary" if binary else "text")
-        return sql.SQL("COPY ({}) TO STDOUT (FORMAT {})").format(self.select_sql(has_lower), fmt)
+        select = self.select_sql(has_lower)
+        if ordered:
+            select += sql.SQL(" ORDER BY {}").format(
+                sql.SQL(", ").join(sql.Identifier(k.name) for k in self.key))
+        return sql.SQL("COPY ({}) TO STDOUT (FORMAT {})").format(select, fmt)
 
     def delete_range_sql(self, has_lower: bool) -> sqlmod.Composed:
         """DELETE the rows of one chunk's key range (ignores --where: the range is what was written)."""
@@ -152,12 +165,14 @@ class KeysetQuery:
 class PgKeysetSource:
     """Reads one table chunk by chunk on its own connection (read-only, repeatable read)."""
 
-    def __init__(self, conn: psycopg.Connection, query: KeysetQuery, *, binary: bool = True) -> None:
+    def __init__(self, conn: psycopg.Connection, query: KeysetQuery, *, binary: bool = True,
+                 ordered: bool = False) -> None:
         import psycopg as pg
 
         self.conn = conn
         self.query = query
         self.binary = binary
+        self.ordered = ordered  # chunks streamed in key order (else in the scan's order)
         conn.isolation_level = pg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
 
@@ -177,7 +192,7 @@ class PgKeysetSource:
         """
         buf = bytearray()
         with self.conn.cursor() as cur, cur.copy(
-            self.query.copy_out_sql(after is not None, self.binary),
+            self.query.copy_out_sql(after is not None, self.binary, ordered=self.ordered),
             self.query.params(after, upto.text),
         ) as copy:
             read = copy.read
@@ -189,6 +204,15 @@ class PgKeysetSource:
         if buf:
             yield bytes(buf)
 
+    @contextmanager
+    def row_stream(self, after: tuple[str, ...] | None, upto: Bound) -> Iterator[RowStream]:
+        """The chunk's rows in key order, to be written in pieces (see RowStream)."""
+        with self.conn.cursor() as cur, cur.copy(
+            self.query.copy_out_sql(after is not None, self.binary, ordered=True),
+            self.query.params(after, upto.text),
+        ) as copy:
+            yield RowStream(copy.read, self.binary)
+
     def count_range(self, after: Bound | None, upto: Bound) -> int:
         lower = after.text if after else None
         row = self.conn.execute(self.query.count_range_sql(after is not None),
@@ -199,3 +223,44 @@ class PgKeysetSource:
         lower = after.text if after else None
         return [(row[0], row[1]) for row in self.conn.execute(
             self.query.rows_as_json_sql(after is not None), self.query.params(lower, upto.text))]
+
+
+class RowStream:
+    """One chunk's COPY data cut into pieces of whole rows, each a complete COPY stream.
+
+    The server sends each row in a message of its own, so rows are cut for free:
+    the writer can end a COPY statement after any row, and keeps the piece's rows
+    (in key order: the n-th row is the chunk's n-th key) to write parts of it again.
+    """
+
+    def __init__(self, read: Callable[[], Any], binary: bool) -> None:
+        self._read = read
+        self.binary = binary
+        self.done = False
+        self._first = binary
+
+    def piece(self, size: int, rows: list[bytes]) -> Iterator[bytes]:
+        """COPY data blocks of the next ``size`` rows; each row is also kept in ``rows``."""
+        buf = bytearray(BINARY_HEADER if self.binary else b"")
+        read, keep = self._read, rows.append
+        while len(rows) < size:
+            data = read()
+            if not data:
+                self.done = True
+                break
+            row = bytes(data)
+            if self._first:  # the binary header arrives with the first row
+                self._first = False
+                row = row[len(BINARY_SIGNATURE) + 8 + int.from_bytes(row[15:19], "big"):]
+                if not row:
+                    continue
+            if self.binary and row == BINARY_TRAILER:
+                continue
+            keep(row)
+            buf += row
+            if len(buf) >= COPY_BLOCK_BYTES:
+                yield bytes(buf)
+                buf.clear()
+        if self.binary:
+            buf += BINARY_TRAILER
+        yield bytes(buf)

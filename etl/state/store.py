@@ -37,22 +37,23 @@ def write_checkpoint(conn: psycopg.Connection, cp: Checkpoint, *, finished: bool
     conn.execute(
         schema_sql(schema, """
         INSERT INTO {s}.checkpoints AS c (job_id, partition, run_id, chunk_index, last_key,
-            processed, succeeded, failed, skipped, bytes, checksum, finished, updated_at)
+            processed, succeeded, failed, skipped, bytes, checksum, finished, updated_at, outcomes)
         VALUES (%(job_id)s, '', %(run_id)s, %(chunk_index)s, %(last_key)s::jsonb, %(processed)s,
-            %(succeeded)s, %(failed)s, %(skipped)s, %(bytes)s, %(checksum)s, %(finished)s, now())
+            %(succeeded)s, %(failed)s, %(skipped)s, %(bytes)s, %(checksum)s, %(finished)s, now(),
+            %(outcomes)s::jsonb)
         ON CONFLICT (job_id, partition) DO UPDATE SET
             run_id = excluded.run_id, chunk_index = excluded.chunk_index,
             last_key = excluded.last_key, processed = excluded.processed,
             succeeded = excluded.succeeded, failed = excluded.failed, skipped = excluded.skipped,
             bytes = excluded.bytes, checksum = excluded.checksum, finished = excluded.finished,
-            updated_at = excluded.updated_at
+            updated_at = excluded.updated_at, outcomes = excluded.outcomes
         """),
         {
             "job_id": cp.job_id, "run_id": cp.run_id, "chunk_index": cp.chunk_index,
             "last_key": json.dumps(cp.last_key_json) if cp.last_key is not None else None,
             "processed": cp.processed, "succeeded": cp.succeeded, "failed": cp.failed,
             "skipped": cp.skipped, "bytes": cp.bytes, "checksum": cp.checksum,
-            "finished": finished,
+            "finished": finished, "outcomes": json.dumps(cp.outcomes),
         },
     )
 
@@ -87,7 +88,8 @@ def read_checkpoint(conn: psycopg.Connection, job_id: str,
                CASE WHEN last_key IS NULL THEN NULL
                     ELSE array(SELECT jsonb_array_elements_text(last_key)) END,
                processed, succeeded, failed, skipped, bytes, checksum, run_id::text,
-               to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), finished
+               to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), finished,
+               outcomes
         FROM {s}.checkpoints WHERE job_id = %s AND partition = ''
         """),
         (job_id,),
@@ -95,13 +97,13 @@ def read_checkpoint(conn: psycopg.Connection, job_id: str,
     if row is None:
         return None
     (chunk_index, key_json, key_text, processed, succeeded, failed, skipped, nbytes,
-     checksum, run_id, updated_at, finished) = row
+     checksum, run_id, updated_at, finished, outcomes) = row
     cp = Checkpoint(
         job_id=job_id, chunk_index=chunk_index,
         last_key=tuple(key_text) if key_text is not None else None,
         last_key_json=list(key_json or []), processed=processed, succeeded=succeeded,
         failed=failed, skipped=skipped, bytes=nbytes, checksum=checksum, run_id=run_id,
-        updated_at=updated_at,
+        updated_at=updated_at, outcomes=dict(outcomes or {}),
     )
     return cp, bool(finished)
 

@@ -47,9 +47,11 @@ def _tables(src: str, dst: str) -> None:
     """)
 
 
-def test_bad_rows_scattered_in_100k_become_dead_letters(src: str, dst: str) -> None:
+@pytest.mark.parametrize("mode", ["append", "upsert"])
+def test_bad_rows_scattered_in_100k_become_dead_letters(src: str, dst: str, mode: str) -> None:
+    """The COPY path and the upsert path (staging table + INSERT … ON CONFLICT) alike."""
     _tables(src, dst)
-    result = etl.copy(source=src, target=dst, table="ev", max_error_rate=None)
+    result = etl.copy(source=src, target=dst, table="ev", max_error_rate=None, mode=mode)
     assert result.status is etl.Status.COMPLETED_WITH_ERRORS and result.exit_code == 3
     doc = result.to_dict()
     s = doc["summary"]

@@ -518,3 +518,52 @@ def test_concurrent_first_runs_into_a_new_schema(make_db) -> None:
         assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
         assert_exact_copy(src, dst, "app.a")
         assert_exact_copy(src, dst, "app.b")
+
+
+# -- write modes under kill -9 ------------------------------------------------------------------
+
+def _kill_mid_run(src: str, dst: str, probe: Probe, spawn, *extra: str) -> int:
+    proc = spawn(*copy_args(src, dst, *extra, *SLOW))
+    wait_until("two committed chunks", lambda: probe.processed() >= 1_000, proc=proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    wait_until("the killed process's sessions to end", lambda: not probe.sessions_of(proc.pid))
+    return probe.processed()
+
+
+def test_replace_killed_then_resumed_does_not_empty_the_target_again(
+        src: str, dst: str, probe: Probe, spawn) -> None:
+    make_events(src)
+    done = _kill_mid_run(src, dst, probe, spawn, "--mode", "replace")
+    assert 0 < done < ROWS
+    # a row only the target has, above every committed key: a second TRUNCATE would remove it
+    execute(dst, "INSERT INTO ev (id, at) VALUES (-1, now())")
+    before = scalar(dst, "SELECT md5(string_agg(xmin::text, ',' ORDER BY id)) FROM ev")
+    again = run_etl(*copy_args(src, dst, "--mode", "replace", "--json"))
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["metadata"]["rows_this_run"] == ROWS - done
+    assert scalar(dst, "SELECT count(*) FROM ev WHERE id = -1") == 1
+    assert scalar(dst, "SELECT md5(string_agg(xmin::text, ',' ORDER BY id)) FROM ev "
+                       "WHERE id <= %s", (done * 3,)) == before
+    execute(dst, "DELETE FROM ev WHERE id = -1")
+    assert_exact_copy(src, dst)
+
+
+def test_upsert_killed_then_resumed_is_exact(src: str, dst: str, probe: Probe, spawn) -> None:
+    make_events(src)
+    # half the rows already there, a third of those with stale values
+    first = run_etl(*copy_args(src, dst, "--where", f"id <= {ROWS * 3 // 2}", "--job", "seed"))
+    assert first.returncode == 0, first.stderr
+    execute(dst, "UPDATE ev SET name = 'stale' WHERE id % 9 = 0")
+    done = _kill_mid_run(src, dst, probe, spawn, "--mode", "upsert")
+    assert 0 < done < ROWS
+    again = run_etl(*copy_args(src, dst, "--mode", "upsert", "--json"))
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert_totals(report, ROWS)
+    outcomes = report["metadata"]["outcomes"]
+    assert outcomes["inserted"] == ROWS // 2
+    assert outcomes["updated"] == scalar(src, "SELECT count(*) FROM ev WHERE id %% 9 = 0 "
+                                              "AND id <= %s", (ROWS * 3 // 2,))
+    assert sum(outcomes.values()) == ROWS
+    assert_exact_copy(src, dst)

@@ -1,0 +1,106 @@
+"""Upsert and ignore into PostgreSQL: COPY into a staging table, then one INSERT … ON CONFLICT.
+
+Each write stages the rows with COPY in a temporary table shaped like the target,
+keeps the last row of each key (rows sharing a key inside one write would make
+PostgreSQL refuse the statement with "cannot affect row a second time"), and
+merges them with a single statement:
+
+- ``upsert``: ``ON CONFLICT (key) DO UPDATE … WHERE (target) IS DISTINCT FROM
+  (excluded)``, so rows whose values did not change are not rewritten: a rerun on
+  unchanged data writes nothing and leaves no dead tuples behind;
+- ``ignore``: ``ON CONFLICT (key) DO NOTHING``.
+
+``RETURNING (xmax = 0)`` tells inserted rows from updated ones; the rest of the
+staged rows were unchanged (upsert) or ignored (ignore). All of it runs in the
+caller's transaction; the staging table is emptied after each write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from ..model import Column, Mode, TableName
+from .pg_copy import PgCopySink, WriteStats
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import sql as sqlmod
+
+# One staging table per target connection (temporary tables are private to a session).
+STAGE_TABLE = "etl_stage"
+
+
+class PgMergeSink:
+    """Write rows into ``table`` by ``key`` in mode upsert or ignore; the caller owns the transaction."""
+
+    def __init__(self, conn: psycopg.Connection, table: TableName, columns: tuple[Column, ...],
+                 key: tuple[str, ...], mode: Mode, *, binary: bool = True) -> None:
+        from psycopg import sql
+
+        if mode not in (Mode.UPSERT, Mode.IGNORE):
+            raise ValueError(f"PgMergeSink writes upsert or ignore, not {mode.value}")
+        self.conn = conn
+        self.table = table
+        self.mode = mode
+        self.binary = binary
+        stage = TableName("pg_temp", STAGE_TABLE)
+        self._stage_copy = PgCopySink(conn, stage, columns, binary=binary)
+        ident = sql.Identifier(table.schema, table.name)
+        self._create = sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)").format(
+            sql.Identifier(STAGE_TABLE), ident)
+        self._empty = sql.SQL("TRUNCATE {}").format(sql.Identifier("pg_temp", STAGE_TABLE))
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+        keys = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+        # the last staged row of each key wins: ctid grows with insertion order in a table
+        # that is only appended to between two TRUNCATEs
+        latest = sql.SQL("SELECT DISTINCT ON ({keys}) {cols} FROM {stage} "
+                         "ORDER BY {keys}, ctid DESC").format(
+            keys=keys, cols=cols, stage=sql.Identifier("pg_temp", STAGE_TABLE))
+        action: sqlmod.Composable
+        if mode is Mode.UPSERT:
+            others = [c.name for c in columns if c.name not in key]
+            if others:
+                sets = sql.SQL(", ").join(
+                    sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in others)
+                changed = sql.SQL("({}) IS DISTINCT FROM ({})").format(
+                    sql.SQL(", ").join(sql.Identifier("t", c) for c in others),
+                    sql.SQL(", ").join(sql.Identifier("excluded", c) for c in others))
+                action = sql.SQL("DO UPDATE SET {} WHERE {}").format(sets, changed)
+            else:  # nothing but the key: an existing row is already what the source holds
+                action = sql.SQL("DO NOTHING")
+        else:
+            action = sql.SQL("DO NOTHING")
+        self._merge = sql.SQL(
+            "WITH latest AS MATERIALIZED ({latest}), "
+            "merged AS (INSERT INTO {target} AS t ({cols}) SELECT * FROM latest "
+            "ON CONFLICT ({keys}) {action} RETURNING (xmax = 0) AS inserted) "
+            "SELECT (SELECT count(*) FROM {stage}), (SELECT count(*) FROM latest), "
+            "count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged"
+        ).format(target=ident, cols=cols, latest=latest, keys=keys, action=action,
+                 stage=sql.Identifier("pg_temp", STAGE_TABLE))
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Create this session's staging table (again after a reconnect)."""
+        with self.conn.transaction():
+            self.conn.execute(self._create)
+
+    def write(self, blocks: Iterable[bytes]) -> WriteStats:
+        """Stage COPY data blocks and merge them; the stats carry what each row did."""
+        stats = self._stage_copy.write(blocks)
+        row = self.conn.execute(self._merge).fetchone()
+        self.conn.execute(self._empty)
+        assert row is not None
+        staged, distinct, inserted, updated = (int(v) for v in row)
+        outcomes = {"inserted": inserted, "superseded": staged - distinct}
+        if self.mode is Mode.UPSERT:
+            outcomes.update(updated=updated, unchanged=distinct - inserted - updated)
+        else:
+            outcomes["ignored"] = distinct - inserted
+        return WriteStats(rows=stats.rows, bytes=stats.bytes, checksum=stats.checksum,
+                          outcomes=outcomes)
+
+    def write_rows(self, rows: Iterable[bytes]) -> WriteStats:
+        return self.write(self._stage_copy.blocks_of(rows))
