@@ -35,8 +35,9 @@ def resolve_url(url: str | DbUrl | None) -> DbUrl:
     return parse(embedded.ensure_url())
 
 
-def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl | None = None,
-         to_table: str | None = None, key: str | list[str] | None = None,
+def copy(*, table: str | None = None, source: str | DbUrl | None = None,
+         target: str | DbUrl | None = None, to_table: str | None = None,
+         query: str | None = None, key: str | list[str] | None = None,
          columns: str | list[str] | None = None, where: str | None = None,
          mode: str | Mode = Mode.APPEND, create: bool = True, job: str | None = None,
          state: str | DbUrl | None = None, state_schema: str = DEFAULT_SCHEMA,
@@ -57,7 +58,9 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
     resumes after the last committed chunk; ``restart=True`` starts over.
 
     Options mirror `etl copy`: ``source``/``target`` are URLs (None: the embedded
-    PostgreSQL), ``table``/``to_table`` are ``[schema.]name``, ``key``/``columns``
+    PostgreSQL), ``table``/``to_table`` are ``[schema.]name``; ``query`` (instead of
+    ``table``, with ``to_table`` and ``key``) copies a query's result, resumable on
+    its key; ``key``/``columns``
     are ``"a,b"`` or lists, ``chunk_size`` an int or ``"auto"``, ``max_runtime``
     seconds or a duration such as ``"5m"``. A chunk that fails transiently (lost
     connection, deadlock, lock timeout …) is retried up to ``retries`` times with
@@ -98,9 +101,13 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
     state_url = parse(state) if state else tgt
     if not state_url.is_postgres:
         raise UsageError(f"--state {state_url.masked}: the state store must be PostgreSQL")
-    src_table = TableName.parse(table)
-    dst_table = TableName.parse(to_table) if to_table else src_table
-    if src.same_database(tgt) and src_table == dst_table:
+    if bool(table) == bool(query):
+        raise UsageError("give either --table or --query (with --to-table and --key)")
+    if query and not to_table:
+        raise UsageError("--query needs --to-table: the name of the table to write its rows to")
+    dst_table = TableName.parse(to_table) if to_table else TableName.parse(table or "")
+    src_table = TableName.parse(table) if table else dst_table
+    if not query and src.same_database(tgt) and src_table == dst_table:
         raise UsageError(f"source and target are the same table ({src_table} in {src.masked}); "
                          "pass another --target database or --to-table")
     from . import pg, table_copy
@@ -112,6 +119,7 @@ def copy(*, table: str, source: str | DbUrl | None = None, target: str | DbUrl |
         create=create, restart=restart, pacing=pacing, retry=retry,
         limits=ErrorLimits(max_errors=max_errors, max_error_rate=max_error_rate),
         lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"), state_schema=state_schema,
+        query=query or None,
     )
     if report:
         _check_writable(Path(report))

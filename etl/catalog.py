@@ -96,6 +96,44 @@ def unique_keys(conn: psycopg.Connection, table: TableName) -> list[tuple[str, .
     return [tuple(r[0]) for r in conn.execute(_UNIQUE_SQL, {"oid": oid})]
 
 
+def describe_query(conn: psycopg.Connection, query: str, name: TableName) -> TableInfo:
+    """The result columns of ``query`` (exact types, from its result's type oids and
+    modifiers) and the planner's row estimate; a clear error when it does not run."""
+    import json
+
+    import psycopg
+    from psycopg import sql
+
+    try:
+        # sent without parameters: a % in the query is taken as it is
+        cur = conn.execute(sql.SQL("SELECT * FROM ({}) AS q LIMIT 0").format(
+            sql.SQL(query)))  # type: ignore[arg-type]
+        res = cur.pgresult
+        assert res is not None
+        fields = [(cur.description[i].name, res.ftype(i), res.fmod(i))  # type: ignore[index]
+                  for i in range(res.nfields)]
+        types = [conn.execute("SELECT format_type(%s, %s)", (oid, mod)).fetchone()
+                 for _, oid, mod in fields]
+        plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(
+            sql.SQL(query))).fetchone()  # type: ignore[arg-type]
+    except psycopg.Error as exc:
+        conn.rollback()
+        from .pg import describe_error
+
+        raise UsageError(f"--query does not run on the source: {describe_error(exc)}") from exc
+    names = [f[0] for f in fields]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UsageError(f"--query returns more than one column named {', '.join(dupes)}; "
+                         "give each column its own name (… AS name)")
+    doc = plan[0] if plan else None
+    if isinstance(doc, str):
+        doc = json.loads(doc)
+    estimated = int(doc[0]["Plan"]["Plan Rows"]) if doc else 0
+    cols = tuple(Column(n, t[0] if t else "text", False) for n, t in zip(names, types, strict=True))
+    return TableInfo(name, cols, (), estimated)
+
+
 def resolve_key(info: TableInfo, key: tuple[str, ...] | None) -> tuple[str, ...]:
     """The chunking key: ``--key`` when given (checked), else the primary key."""
     names = {c.name for c in info.columns}

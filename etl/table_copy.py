@@ -74,6 +74,11 @@ class CopySpec:
     limits: ErrorLimits = ErrorLimits()
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT_SECONDS
     state_schema: str = "etl"
+    query: str | None = None      # --query: copy this query's result (then ``table`` names it)
+
+    @property
+    def source_name(self) -> str:
+        return "query" if self.query else str(self.table)
 
     @property
     def state_in_target(self) -> bool:
@@ -95,7 +100,7 @@ class CopySpec:
             "where": self.where, "mode": self.mode.value, "create": self.create,
             "pacing": dataclasses.asdict(self.pacing), "retry": dataclasses.asdict(self.retry),
             "limits": dataclasses.asdict(self.limits),
-            "lock_timeout": self.lock_timeout,
+            "lock_timeout": self.lock_timeout, "query": self.query,
         }
 
 
@@ -116,12 +121,21 @@ class CopyPlan:
 
     @property
     def query(self) -> KeysetQuery:
-        return KeysetQuery(self.spec.table, self.columns, self.key, self.spec.where)
+        return KeysetQuery(self.spec.table, self.columns, self.key, self.spec.where,
+                           source_sql=self.spec.query)
 
 
 def make_plan(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connection) -> CopyPlan:
     """Describe the source, check the target, decide the COPY format and the DDL."""
-    info = catalog.describe(sconn, spec.table, role="source")
+    if spec.query:
+        if not spec.key:
+            raise UsageError("--query needs --key COL[,COL…]: the column(s) of its result that "
+                             "order the rows and cut the chunks")
+        info = catalog.describe_query(sconn, spec.query, spec.table)
+        # a query has no primary key: its declared --key becomes the created target's
+        info = dataclasses.replace(info, primary_key=spec.key)
+    else:
+        info = catalog.describe(sconn, spec.table, role="source")
     key_names = catalog.resolve_key(info, spec.key)
     columns = catalog.resolve_columns(info, spec.columns, key_names)
     key = tuple(info.column(k) for k in key_names)
@@ -187,10 +201,10 @@ def _check_where(sconn: psycopg.Connection, spec: CopySpec) -> None:
 
     try:
         sconn.execute(sql.SQL("SELECT 1 FROM {} WHERE ({}) LIMIT 0").format(
-            sql.Identifier(spec.table.schema, spec.table.name), sql.SQL(spec.where)))  # type: ignore[arg-type]
+            _source_from(spec), sql.SQL(spec.where)))  # type: ignore[arg-type]
     except psycopg.Error as exc:
         sconn.rollback()
-        raise UsageError(f"--where {spec.where!r} is not valid on {spec.table}: "
+        raise UsageError(f"--where {spec.where!r} is not valid on {spec.source_name}: "
                          f"{pg.describe_error(exc)}") from exc
 
 
@@ -204,12 +218,21 @@ def _refuse_null_keys(sconn: psycopg.Connection, spec: CopySpec, key: tuple[Colu
     cond = sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier(k.name)) for k in nullable)
     where = sql.SQL(" AND ({})").format(sql.SQL(spec.where)) if spec.where else sql.SQL("")  # type: ignore[arg-type]
     row = sconn.execute(sql.SQL("SELECT count(*) FROM {} WHERE ({}){}").format(
-        sql.Identifier(spec.table.schema, spec.table.name), cond, where)).fetchone()
+        _source_from(spec), cond, where)).fetchone()
     if row and row[0]:
         raise UsageError(
-            f"{row[0]:,} row(s) of {spec.table} have a NULL in the key column(s) "
+            f"{row[0]:,} row(s) of {spec.source_name} have a NULL in the key column(s) "
             f"{', '.join(k.name for k in nullable)}; keyset chunks cannot reach them. Choose a "
             "--key of NOT NULL column(s), or exclude those rows with --where")
+
+
+def _source_from(spec: CopySpec) -> Any:
+    """The table, or ``(query) AS q``, for statements sent without parameters (% as is)."""
+    from psycopg import sql
+
+    if spec.query:
+        return sql.SQL("({}) AS q").format(sql.SQL(spec.query))  # type: ignore[arg-type]
+    return sql.Identifier(spec.table.schema, spec.table.name)
 
 
 def _target_ddl(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connection,
@@ -235,7 +258,8 @@ def describe_plan(plan: CopyPlan, checkpoint: Checkpoint | None, remaining: int,
     q = plan.query
     lines = [
         f"job:          {spec.job_id}",
-        f"source:       {spec.source.masked}  table {spec.table}",
+        f"source:       {spec.source.masked}  "
+        + (f"query {spec.query}" if spec.query else f"table {spec.table}"),
         f"target:       {spec.target.masked}  table {spec.target_table}"
         + ("" if plan.target_exists else "  (missing: would be created)"),
         f"state store:  {spec.state.masked}  schema {spec.state_schema}"
@@ -584,7 +608,7 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
                 write_checkpoint(tconn if spec.state_in_target else run.store.conn, cp,
                                  schema=spec.state_schema)
         remaining, exact = count_remaining(sconn, plan, cp.last_key)
-        progress.start(f"copy {spec.table}", cp.processed, cp.processed + remaining, exact)
+        progress.start(f"copy {spec.source_name}", cp.processed, cp.processed + remaining, exact)
         result.total_items = cp.processed + remaining
         latest = [cp]  # the last committed checkpoint, also when the loop raises
 

@@ -13,7 +13,10 @@ from .common import job_options, render
               help="Source database URL (default: the embedded PostgreSQL).")
 @click.option("--target", metavar="URL", envvar="ETL_TARGET_URL", show_envvar=True,
               help="Target database URL (default: the embedded PostgreSQL).")
-@click.option("--table", required=True, metavar="[SCHEMA.]TABLE", help="Table to copy.")
+@click.option("--table", metavar="[SCHEMA.]TABLE", help="Table to copy.")
+@click.option("--query", metavar="SQL",
+              help="Copy the result of this query instead of a table (trusted operator input); "
+                   "needs --to-table and --key, and is resumable on that key.")
 @click.option("--to-table", metavar="[SCHEMA.]TABLE",
               help="Name of the table in the target (default: the same as --table).")
 @click.option("--key", metavar="COL[,COL…]",

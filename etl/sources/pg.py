@@ -46,11 +46,16 @@ class KeysetQuery:
     columns: tuple[Column, ...]
     key: tuple[Column, ...]
     where: str | None = None
+    source_sql: str | None = None  # --query: walk this query's result instead of the table
 
     # -- SQL pieces ----------------------------------------------------------
-    def _ident(self) -> sqlmod.Identifier:
+    def _ident(self) -> sqlmod.Composable:
+        """What the rows come from: the table, or ``(query) AS q``."""
         from psycopg import sql
 
+        if self.source_sql is not None:
+            # operator-supplied SQL (documented as trusted), % doubled as in --where
+            return sql.SQL("({}) AS q").format(sql.SQL(self.source_sql.replace("%", "%%")))  # type: ignore[arg-type]
         return sql.Identifier(self.table.schema, self.table.name)
 
     def _key_row(self) -> sqlmod.Composed:
@@ -141,8 +146,8 @@ class KeysetQuery:
         from psycopg import sql
 
         keys = sql.SQL(", ").join(sql.Identifier("t", k.name) for k in self.key)
-        return sql.SQL("SELECT to_jsonb(t), jsonb_build_array({}) FROM {} AS t{}").format(
-            keys, self._ident(), self._filter(has_lower, True))
+        return sql.SQL("SELECT to_jsonb(t), jsonb_build_array({}) FROM (SELECT * FROM {}{}) AS t"
+                       ).format(keys, self._ident(), self._filter(has_lower, True))
 
     def remaining_sql(self, has_lower: bool) -> sqlmod.Composed:
         """Rows still to copy after the lower bound (for counts and estimates)."""
