@@ -5,8 +5,9 @@ The CLI calls exactly these functions; scripts can too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import options as opt
 from .errors import UsageError
@@ -37,7 +38,7 @@ def resolve_url(url: str | DbUrl | None) -> DbUrl:
 
 def copy(*, table: str | None = None, source: str | DbUrl | None = None,
          target: str | DbUrl | None = None, to_table: str | None = None,
-         query: str | None = None, key: str | list[str] | None = None,
+         query: str | None = None, transform: str | Callable[[Any], Any] | None = None, key: str | list[str] | None = None,
          columns: str | list[str] | None = None, where: str | None = None,
          mode: str | Mode = Mode.APPEND, create: bool = True, job: str | None = None,
          state: str | DbUrl | None = None, state_schema: str = DEFAULT_SCHEMA,
@@ -60,7 +61,9 @@ def copy(*, table: str | None = None, source: str | DbUrl | None = None,
     Options mirror `etl copy`: ``source``/``target`` are URLs (None: the embedded
     PostgreSQL), ``table``/``to_table`` are ``[schema.]name``; ``query`` (instead of
     ``table``, with ``to_table`` and ``key``) copies a query's result, resumable on
-    its key; ``key``/``columns``
+    its key; ``transform`` is ``"module:function"`` or a callable taking and returning a
+    ``polars.DataFrame`` per chunk (see :mod:`etl.transforms`: rows with a reason in
+    ``_reject`` become dead letters of category ``validation``); ``key``/``columns``
     are ``"a,b"`` or lists, ``chunk_size`` an int or ``"auto"``, ``max_runtime``
     seconds or a duration such as ``"5m"``. A chunk that fails transiently (lost
     connection, deadlock, lock timeout …) is retried up to ``retries`` times with
@@ -101,6 +104,16 @@ def copy(*, table: str | None = None, source: str | DbUrl | None = None,
     state_url = parse(state) if state else tgt
     if not state_url.is_postgres:
         raise UsageError(f"--state {state_url.masked}: the state store must be PostgreSQL")
+    loaded: Callable[[Any], Any] | None = None
+    transform_name: str | None = None
+    if isinstance(transform, str):
+        from . import transforms
+
+        loaded, transform_name = transforms.load(transform), transform
+    elif transform is not None:
+        loaded = transform
+        transform_name = f"{getattr(transform, '__module__', '?')}:" \
+                         f"{getattr(transform, '__qualname__', repr(transform))}"
     if bool(table) == bool(query):
         raise UsageError("give either --table or --query (with --to-table and --key)")
     if query and not to_table:
@@ -119,7 +132,7 @@ def copy(*, table: str | None = None, source: str | DbUrl | None = None,
         create=create, restart=restart, pacing=pacing, retry=retry,
         limits=ErrorLimits(max_errors=max_errors, max_error_rate=max_error_rate),
         lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"), state_schema=state_schema,
-        query=query or None,
+        query=query or None, transform=loaded, transform_name=transform_name,
     )
     if report:
         _check_writable(Path(report))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import catalog, pg
+from . import catalog, pg, transforms
 from .errors import EtlError, TargetError, UsageError, sqlstate_of
 from .isolate import BadRange, is_data_error, isolate
 from .model import Category, Checkpoint, Column, Mode, Status, TableName
@@ -29,6 +29,7 @@ from .sinks.pg_merge import PgMergeSink
 from .sources.pg import Bound, KeysetQuery, PgKeysetSource
 from .state.store import insert_dead_letters, read_checkpoint, write_checkpoint
 from .thresholds import ErrorLimits
+from .transforms import Transform
 from .urls import DbUrl
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class CopySpec:
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT_SECONDS
     state_schema: str = "etl"
     query: str | None = None      # --query: copy this query's result (then ``table`` names it)
+    transform: Transform | None = None  # --transform: reshape each chunk as a DataFrame
+    transform_name: str | None = None
 
     @property
     def source_name(self) -> str:
@@ -101,6 +104,7 @@ class CopySpec:
             "pacing": dataclasses.asdict(self.pacing), "retry": dataclasses.asdict(self.retry),
             "limits": dataclasses.asdict(self.limits),
             "lock_timeout": self.lock_timeout, "query": self.query,
+            "transform": self.transform_name,
         }
 
 
@@ -118,6 +122,7 @@ class CopyPlan:
     ddl: tuple[str, ...]          # statements that create the target when it is missing
     unique_key: bool = True       # the key is the primary key: one row per key value
     conflict_key: tuple[str, ...] = ()  # upsert/ignore: the target's unique columns to match on
+    target_columns: tuple[Column, ...] = ()  # as the target has them (or will, once created)
 
     @property
     def query(self) -> KeysetQuery:
@@ -144,19 +149,21 @@ def make_plan(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connecti
     _refuse_null_keys(sconn, spec, key)
     ddl: tuple[str, ...] = ()
     binary = True
+    target_columns = columns
     target_exists = catalog.table_oid(tconn, spec.target_table) is not None
     if target_exists:
         tinfo = catalog.describe(tconn, spec.target_table, role="target")
+        target_columns = tinfo.columns
         tcols = {c.name: c for c in tinfo.columns}
         missing = [c.name for c in columns if c.name not in tcols]
-        if missing:
+        if missing and spec.transform is None:  # a transform's columns are checked as it runs
             raise TargetError(
                 f"target table {spec.target_table} has no column(s) {', '.join(missing)}; "
                 "add them, drop the table so it is created from the source, or narrow the copy "
                 "with --columns"
             )
         # binary COPY needs identical types; any difference falls back to the text format
-        binary = all(tcols[c.name].type_sql == c.type_sql for c in columns)
+        binary = all(c.name in tcols and tcols[c.name].type_sql == c.type_sql for c in columns)
     elif not spec.create:
         raise TargetError(
             f"target table {spec.target_table} does not exist and --no-create was given; "
@@ -167,12 +174,12 @@ def make_plan(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connecti
     conflict_key: tuple[str, ...] = ()
     if spec.mode in (Mode.UPSERT, Mode.IGNORE):
         conflict_key = _conflict_key(spec, tconn, target_exists, info.primary_key, key_names,
-                                     {c.name for c in columns})
+                                     {c.name for c in target_columns})
     sconn.rollback()
     tconn.rollback()
     return CopyPlan(spec, columns, key, info.primary_key, target_exists, binary,
                     info.estimated_rows, ddl, unique_key=key_names == info.primary_key,
-                    conflict_key=conflict_key)
+                    conflict_key=conflict_key, target_columns=target_columns)
 
 
 def _conflict_key(spec: CopySpec, tconn: psycopg.Connection, target_exists: bool,
@@ -337,9 +344,11 @@ class _Written:
     bad: list[BadRange[Bound]] = dataclasses.field(default_factory=list)
     last_error: str | None = None
     outcomes: dict[str, int] = dataclasses.field(default_factory=dict)
+    letters: list[dict] = dataclasses.field(default_factory=list)  # dead letters built already
+    dropped: int = 0              # rows a transform left out
 
     @property
-    def skipped(self) -> int:
+    def not_kept(self) -> int:
         """Rows written but not kept: their key existed (ignore) or a later row of the
         chunk had the same key."""
         return self.outcomes.get("ignored", 0) + self.outcomes.get("superseded", 0)
@@ -358,6 +367,7 @@ class CopyStep:
         self.run = run
         self.replay_guard = replay_guard
         self.piece_rows: int | None = None  # set once the run meets a data error
+        self._frame_sinks: dict[tuple[str, ...], PgCopySink | PgMergeSink] = {}
         # upsert/ignore read each chunk in key order: of rows sharing a target key, the
         # last in key order wins
         self.ordered = plan.spec.mode in (Mode.UPSERT, Mode.IGNORE)
@@ -405,12 +415,15 @@ class CopyStep:
                     self._delete_replayed(cp.last_key, bound.text)
                 written = self._write(lower, bound, cp)
                 dead = self._dead_letters(written.bad, cp.chunk_index + 1)
+                dead.append([{**r, "chunk_index": cp.chunk_index + 1} for r in written.letters])
                 failed = sum(len(d) for d in dead)
                 new = dataclasses.replace(
                     cp, chunk_index=cp.chunk_index + 1, last_key=bound.text,
-                    last_key_json=bound.json, processed=cp.processed + written.rows + failed,
-                    succeeded=cp.succeeded + written.rows - written.skipped,
-                    failed=cp.failed + failed, skipped=cp.skipped + written.skipped,
+                    last_key_json=bound.json,
+                    processed=cp.processed + written.rows + failed + written.dropped,
+                    succeeded=cp.succeeded + written.rows - written.not_kept,
+                    failed=cp.failed + failed,
+                    skipped=cp.skipped + written.not_kept + written.dropped,
                     outcomes=_add(cp.outcomes, written.outcomes),
                     bytes=cp.bytes + written.bytes, checksum=written.checksum,
                     run_id=self.run.run_id, updated_at=utc_now())
@@ -440,6 +453,8 @@ class CopyStep:
         in memory until it is written, so a bad row costs one failed statement of a
         piece and is isolated in memory. Other keys are bisected by key range.
         """
+        if self.plan.spec.transform is not None:
+            return self._write_transformed(lower, upper, cp)
         out = _Written(rows=0, bytes=0, checksum="")
         digest = hashlib.blake2b(digest_size=16)
 
@@ -519,6 +534,81 @@ class CopyStep:
                 if position > 1 else lower
             at = self._split(lower, position)
             out.bad.append(BadRange(before, at, error))
+
+    def _write_transformed(self, lower: Bound | None, upper: Bound, cp: Checkpoint) -> _Written:
+        """Decode the chunk, run the transform, write its result as CSV COPY in a savepoint;
+        rows the transform rejects and rows the target refuses become dead letters."""
+        spec = self.plan.spec
+        assert spec.transform is not None
+        out = _Written(rows=0, bytes=0, checksum="")
+        digest = hashlib.blake2b(digest_size=16)
+        key = tuple(k.name for k in self.plan.key)
+        applied = transforms.apply(spec.transform, self.source.fetch_frame(lower, upper), key,
+                                   spec.transform_name or "transform")
+        kept = applied.kept
+        sink = self._frame_sink(tuple(kept.columns))
+
+        def write_slice(a: int | None, b: int) -> int:
+            start = a or 0
+            data = kept.slice(start, b - start).write_csv(include_header=False).encode()
+            return self._commit_piece(sink.write, [data], out, digest)
+
+        bad: list[tuple[int, BaseException]] = []
+        if kept.height:
+            try:
+                out.rows = write_slice(0, kept.height)
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+
+                def give_up(n_bad: int, error: BaseException) -> None:
+                    spec.limits.check(cp.failed + len(applied.rejected) + n_bad,
+                                      cp.processed + kept.height, pg.describe_error(error))
+
+                found = isolate(0, kept.height, kept.height, exc, write=write_slice,
+                                split=lambda a, n: (a or 0) + n, count=None, give_up=give_up,
+                                locate=pg.copy_error_line)
+                out.rows = found.good_rows
+                bad = [(b.hi - 1, b.error) for b in found.bad]
+        failures = [(tuple(kept.select(list(key)).row(i)), Category.DATA, type(e).__name__,
+                     sqlstate_of(e), pg.describe_error(e, spec.target)) for i, e in bad]
+        failures += [(tuple(k[name] for name in key), Category.VALIDATION, "Rejected", None,
+                      reason) for k, reason in applied.rejected]
+        originals = self.source.rows_by_key([f[0] for f in failures])
+        out.letters = [{
+            "job_id": spec.job_id, "run_id": self.run.run_id,
+            "item_key": [(row or {}).get(k, v) for k, v in zip(key, keyv, strict=True)],
+            "row_data": row, "error_type": etype, "sqlstate": state, "category": cat.value,
+            "error_message": message, "attempts": 1,
+        } for (keyv, cat, etype, state, message), row in zip(failures, originals, strict=True)]
+        out.dropped = applied.dropped
+        if failures:
+            out.last_error = failures[-1][4]
+        out.checksum = digest.hexdigest()
+        return out
+
+    def _frame_sink(self, names: tuple[str, ...]) -> PgCopySink | PgMergeSink:
+        """A CSV COPY sink for a transform's result columns (checked against the target)."""
+        spec = self.plan.spec
+        cached = self._frame_sinks.get(names)
+        if cached is not None and cached.conn is self.tconn:
+            return cached
+        known = {c.name: c for c in self.plan.target_columns}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise TargetError(
+                f"the transform returns column(s) {', '.join(unknown)} that {spec.target_table} "
+                "does not have; add them to the target table (create it first), or drop them "
+                "in the transform")
+        cols = tuple(known[n] for n in names)
+        sink: PgCopySink | PgMergeSink
+        if spec.mode in (Mode.UPSERT, Mode.IGNORE):
+            sink = PgMergeSink(self.tconn, spec.target_table, cols, self.plan.conflict_key,
+                               spec.mode, csv=True)
+        else:
+            sink = PgCopySink(self.tconn, spec.target_table, cols, csv=True)
+        self._frame_sinks[names] = sink
+        return sink
 
     def _bisect_by_key(self, lo: Bound | None, hi: Bound, exc: Exception,
                        write_range: Callable[[Bound | None, Bound], int], cp: Checkpoint,

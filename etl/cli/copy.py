@@ -17,6 +17,10 @@ from .common import job_options, render
 @click.option("--query", metavar="SQL",
               help="Copy the result of this query instead of a table (trusted operator input); "
                    "needs --to-table and --key, and is resumable on that key.")
+@click.option("--transform", metavar="MODULE:FUNCTION",
+              help="Reshape each chunk with this function (polars.DataFrame in, DataFrame out); "
+                   "rows it returns with a reason in column _reject become dead letters "
+                   "(category validation). MODULE may be a path to a .py file.")
 @click.option("--to-table", metavar="[SCHEMA.]TABLE",
               help="Name of the table in the target (default: the same as --table).")
 @click.option("--key", metavar="COL[,COL…]",

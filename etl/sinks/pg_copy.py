@@ -26,16 +26,16 @@ class PgCopySink:
     """COPY into ``table`` (append); the caller owns the transaction."""
 
     def __init__(self, conn: psycopg.Connection, table: TableName, columns: tuple[Column, ...],
-                 *, binary: bool = True) -> None:
+                 *, binary: bool = True, csv: bool = False) -> None:
         from psycopg import sql
 
         self.conn = conn
         self.table = table
-        self.binary = binary
+        self.binary = binary and not csv
         self._copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {})").format(
             sql.Identifier(table.schema, table.name),
             sql.SQL(", ").join(sql.Identifier(c.name) for c in columns),
-            sql.SQL("binary" if binary else "text"),
+            sql.SQL("csv" if csv else "binary" if binary else "text"),
         )
 
     def write(self, blocks: Iterable[bytes]) -> WriteStats:

@@ -35,7 +35,8 @@ class PgMergeSink:
     """Write rows into ``table`` by ``key`` in mode upsert or ignore; the caller owns the transaction."""
 
     def __init__(self, conn: psycopg.Connection, table: TableName, columns: tuple[Column, ...],
-                 key: tuple[str, ...], mode: Mode, *, binary: bool = True) -> None:
+                 key: tuple[str, ...], mode: Mode, *, binary: bool = True,
+                 csv: bool = False) -> None:
         from psycopg import sql
 
         if mode not in (Mode.UPSERT, Mode.IGNORE):
@@ -45,7 +46,7 @@ class PgMergeSink:
         self.mode = mode
         self.binary = binary
         stage = TableName("pg_temp", STAGE_TABLE)
-        self._stage_copy = PgCopySink(conn, stage, columns, binary=binary)
+        self._stage_copy = PgCopySink(conn, stage, columns, binary=binary, csv=csv)
         ident = sql.Identifier(table.schema, table.name)
         self._create = sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)").format(

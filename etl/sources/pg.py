@@ -9,6 +9,7 @@ into Python objects. Composite keys are compared as row values.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..model import Column, TableName
 
 if TYPE_CHECKING:
+    import polars as pl
     import psycopg
     from psycopg import sql as sqlmod
 
@@ -114,6 +116,19 @@ class KeysetQuery:
         cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
         return sql.SQL("SELECT {} FROM {}{}").format(cols, self._ident(),
                                                      self._filter(has_lower, has_upper))
+
+    def select_frame_sql(self, has_lower: bool) -> sqlmod.Composed:
+        """The chunk's rows in key order for a DataFrame: types polars holds exactly are
+        selected as they are, every other type as its text form (the target parses it back)."""
+        from psycopg import sql
+
+        cols = sql.SQL(", ").join(
+            sql.Identifier(c.name) if frame_type(c.type_sql) is not None
+            else sql.SQL("{0}::text AS {0}").format(sql.Identifier(c.name))
+            for c in self.columns)
+        keys = sql.SQL(", ").join(sql.Identifier(k.name) for k in self.key)
+        return sql.SQL("SELECT {} FROM {}{} ORDER BY {}").format(
+            cols, self._ident(), self._filter(has_lower, True), keys)
 
     def copy_out_sql(self, has_lower: bool, binary: bool, ordered: bool = False) -> sqlmod.Composed:
         """COPY of one chunk; ``ordered`` sends its rows in key order (so that the n-th
@@ -218,6 +233,42 @@ class PgKeysetSource:
         ) as copy:
             yield RowStream(copy.read, self.binary)
 
+    def fetch_frame(self, after: Bound | None, upto: Bound) -> pl.DataFrame:
+        """The chunk ``(after, upto]`` as a DataFrame (decoded: for transforms)."""
+        import polars as pl
+
+        lower = after.text if after else None
+        cur = self.conn.execute(self.query.select_frame_sql(after is not None),
+                                self.query.params(lower, upto.text))
+        schema = {c.name: frame_type(c.type_sql) or pl.String() for c in self.query.columns}
+        return pl.DataFrame(cur.fetchall(), schema=schema, orient="row")
+
+    def rows_by_key(self, keys: list[tuple[Any, ...]]) -> list[dict | None]:
+        """The source row (as JSON) of each key, in the order given; None where there is none.
+
+        For dead letters of transformed rows, which are known by key, not by position.
+        """
+        from psycopg import sql
+
+        if not keys:
+            return []
+        q = self.query
+        names = [sql.Identifier(f"k{i}") for i in range(len(q.key))]
+        values = sql.SQL(", ").join(
+            sql.SQL("({}, {})").format(sql.Literal(n), sql.SQL(", ").join(
+                sql.SQL("{}::{}").format(sql.Literal(str(v)), sql.SQL(k.type_sql))  # type: ignore[arg-type]
+                for v, k in zip(kv, q.key, strict=True)))
+            for n, kv in enumerate(keys))
+        stmt = sql.SQL("SELECT v.n, to_jsonb(t) FROM (VALUES {}) AS v(n, {}) "
+                       "JOIN (SELECT * FROM {}) AS t ON ({}) = ({})").format(
+            values, sql.SQL(", ").join(names), q._ident(),
+            sql.SQL(", ").join(sql.Identifier("t", k.name) for k in q.key),
+            sql.SQL(", ").join(sql.SQL("v.{}").format(n) for n in names))
+        found: list[dict | None] = [None] * len(keys)
+        for n, row in self.conn.execute(stmt):
+            found[n] = row
+        return found
+
     def count_range(self, after: Bound | None, upto: Bound) -> int:
         lower = after.text if after else None
         row = self.conn.execute(self.query.count_range_sql(after is not None),
@@ -269,3 +320,35 @@ class RowStream:
         if self.binary:
             buf += BINARY_TRAILER
         yield bytes(buf)
+
+
+_FRAME_TYPES = {
+    "smallint": "Int16", "integer": "Int32", "bigint": "Int64", "real": "Float32",
+    "double precision": "Float64", "boolean": "Boolean", "text": "String",
+    "character varying": "String", "character": "String", "date": "Date",
+    "timestamp without time zone": "Datetime", "timestamp with time zone": "DatetimeUTC",
+    "time without time zone": "Time",
+}
+_TYPMOD = re.compile(r"\(([^)]*)\)")
+
+
+def frame_type(type_sql: str) -> Any:
+    """The polars type that holds a PostgreSQL type exactly, or None (then it travels as text)."""
+    import polars as pl
+
+    base = _TYPMOD.sub("", type_sql).strip()
+    if base == "numeric":
+        mod = _TYPMOD.search(type_sql)
+        if mod:
+            p, _, s = mod.group(1).partition(",")
+            if int(p) <= 38:
+                return pl.Decimal(int(p), int(s or 0))
+        return None  # unconstrained or wider than polars' decimal: exact as text
+    name = _FRAME_TYPES.get(base)
+    if name is None:
+        return None
+    if name == "DatetimeUTC":
+        return pl.Datetime("us", "UTC")
+    if name == "Datetime":
+        return pl.Datetime("us")
+    return getattr(pl, name)()
