@@ -26,7 +26,7 @@ from .retry import RetryPolicy, RetryStats
 from .runner import Pacing, StepOutcome, StopFlag, run_loop
 from .sinks.pg_copy import PgCopySink, WriteStats
 from .sinks.pg_merge import PgMergeSink
-from .sources.pg import Bound, KeysetQuery, PgKeysetSource
+from .sources.pg import Bound, KeysetQuery, PgKeysetSource, Piece
 from .state.store import insert_dead_letters, read_checkpoint, write_checkpoint
 from .thresholds import ErrorLimits
 from .transforms import Transform
@@ -502,7 +502,7 @@ class CopyStep:
         bad: list[tuple[int, BaseException]] = []  # 1-based position in the chunk, error
         with self.source.row_stream(lower.text if lower else None, upper) as stream:
             while not stream.done:
-                piece: list[bytes] = []
+                piece = Piece()
                 blocks = stream.piece(size, piece)
                 try:
                     out.rows += self._commit_piece(self.sink.write, blocks, out, digest)
@@ -518,9 +518,9 @@ class CopyStep:
                                           cp.processed + offset + size,
                                           pg.describe_error(error, spec.target))
 
-                    def write_slice(a: int | None, b: int, piece: list[bytes] = piece) -> int:
-                        return self._commit_piece(self.sink.write_rows, piece[a or 0:b], out,
-                                                  digest)
+                    def write_slice(a: int | None, b: int, piece: Piece = piece) -> int:
+                        return self._commit_piece(self.sink.write_rows, piece.rows(a or 0, b),
+                                                  out, digest)
 
                     found = isolate(0, len(piece), len(piece), exc, write=write_slice,
                                     split=lambda a, n: (a or 0) + n, count=None,

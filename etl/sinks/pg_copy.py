@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..model import Column, TableName
-from ..sources.pg import BINARY_HEADER, BINARY_TRAILER, COPY_BLOCK_BYTES
+from ..sources.pg import BINARY_HEADER, BINARY_TRAILER
 
 if TYPE_CHECKING:
     import psycopg
@@ -51,22 +51,11 @@ class PgCopySink:
             rows = cur.rowcount
         return WriteStats(rows=max(rows, 0), bytes=nbytes, checksum=digest.hexdigest())
 
-    def write_rows(self, rows: Iterable[bytes]) -> WriteStats:
+    def write_rows(self, rows: bytes) -> WriteStats:
         """COPY rows cut from a source's COPY data (binary rows get the header and trailer)."""
-        return self.write(self.blocks_of(rows))
-
-    def blocks_of(self, rows: Iterable[bytes]) -> Iterator[bytes]:
-        """Rows cut from a COPY stream, as complete COPY data in blocks."""
-        buf = bytearray(BINARY_HEADER if self.binary else b"")
-        for row in rows:
-            buf += row
-            if len(buf) >= COPY_BLOCK_BYTES:
-                yield bytes(buf)
-                buf.clear()
         if self.binary:
-            buf += BINARY_TRAILER
-        if buf:
-            yield bytes(buf)
+            return self.write([BINARY_HEADER + rows + BINARY_TRAILER])
+        return self.write([rows])
 
     def truncate(self) -> None:
         from psycopg import sql

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ..model import Column, Mode, TableName
+from ..sources.pg import BINARY_HEADER, BINARY_TRAILER
 from .pg_copy import PgCopySink, WriteStats
 
 if TYPE_CHECKING:
@@ -103,5 +104,7 @@ class PgMergeSink:
         return WriteStats(rows=stats.rows, bytes=stats.bytes, checksum=stats.checksum,
                           outcomes=outcomes)
 
-    def write_rows(self, rows: Iterable[bytes]) -> WriteStats:
-        return self.write(self._stage_copy.blocks_of(rows))
+    def write_rows(self, rows: bytes) -> WriteStats:
+        """Rows cut from a source's COPY data: staged with their framing, then merged."""
+        framed = BINARY_HEADER + rows + BINARY_TRAILER if self.binary else rows
+        return self.write([framed])

@@ -10,9 +10,10 @@ into Python objects. Composite keys are compared as row values.
 from __future__ import annotations
 
 import re
+from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..model import Column, TableName
@@ -295,31 +296,47 @@ class RowStream:
         self.done = False
         self._first = binary
 
-    def piece(self, size: int, rows: list[bytes]) -> Iterator[bytes]:
-        """COPY data blocks of the next ``size`` rows; each row is also kept in ``rows``."""
-        buf = bytearray(BINARY_HEADER if self.binary else b"")
-        read, keep = self._read, rows.append
-        while len(rows) < size:
-            data = read()
-            if not data:
+    def piece(self, size: int, kept: Piece) -> Iterator[bytes]:
+        """COPY data blocks of the next ``size`` rows; the rows are also kept in ``kept``."""
+        data, ends = kept.data, kept.ends
+        if self.binary:
+            yield BINARY_HEADER
+        read = self._read
+        sent = 0
+        while len(ends) < size:
+            row = read()
+            if not row:
                 self.done = True
                 break
-            row = bytes(data)
             if self._first:  # the binary header arrives with the first row
                 self._first = False
                 row = row[len(BINARY_SIGNATURE) + 8 + int.from_bytes(row[15:19], "big"):]
                 if not row:
                     continue
-            if self.binary and row == BINARY_TRAILER:
+            if len(row) == 2 and self.binary and row == BINARY_TRAILER:
                 continue
-            keep(row)
-            buf += row
-            if len(buf) >= COPY_BLOCK_BYTES:
-                yield bytes(buf)
-                buf.clear()
-        if self.binary:
-            buf += BINARY_TRAILER
-        yield bytes(buf)
+            data += row
+            ends.append(len(data))
+            if len(data) - sent >= COPY_BLOCK_BYTES:
+                yield bytes(data[sent:])
+                sent = len(data)
+        yield bytes(data[sent:]) + (BINARY_TRAILER if self.binary else b"")
+
+
+@dataclass
+class Piece:
+    """Rows cut from a COPY stream: their bytes back to back, and where each one ends."""
+
+    data: bytearray = field(default_factory=bytearray)
+    ends: array = field(default_factory=lambda: array("q"))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def rows(self, a: int, b: int) -> bytes:
+        """Rows ``a`` to ``b`` (0-based, ``b`` excluded) as one run of COPY row data."""
+        start = self.ends[a - 1] if a > 0 else 0
+        return bytes(self.data[start:self.ends[b - 1]]) if b > a else b""
 
 
 _FRAME_TYPES = {

@@ -117,3 +117,23 @@ def test_cli_transform_from_a_file_with_upsert(src: str, dst: str, tmp_path) -> 
     bad = run_etl("copy", "--source", src, "--target", dst, "--table", "people",
                   "--transform", f"{module}:nothing", "--no-progress")
     assert bad.returncode == 2 and "has no function nothing" in bad.stderr, bad.stderr
+
+
+def test_nul_byte_in_text_is_a_data_dead_letter(src: str, dst: str) -> None:
+    """PostgreSQL text cannot hold NUL: a row that reaches the target with one is refused
+    (SQLSTATE 22021) and isolated, whatever path produced it."""
+    _source(src)
+
+    def with_nul(df: pl.DataFrame) -> pl.DataFrame:
+        return df.with_columns(pl.when(pl.col("id") % 1_000 == 3)
+                                 .then(pl.col("name") + "\x00tail").otherwise(pl.col("name"))
+                                 .alias("name"))
+
+    result = etl.copy(source=src, target=dst, table="people", transform=with_nul)
+    s = result.to_dict()["summary"]
+    assert (s["failed"], s["succeeded"]) == (5, N - 5), result.message
+    with psycopg.connect(dst) as conn:
+        rows = conn.execute("SELECT (item_key->>0)::int, sqlstate, category FROM etl.dead_letters "
+                            "ORDER BY 1").fetchall()
+    assert rows == [(k, "22021", "data") for k in (3, 1003, 2003, 3003, 4003)]
+    assert scalar(dst, "SELECT count(*) FROM people") == N - 5
