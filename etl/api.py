@@ -38,7 +38,7 @@ def resolve_url(url: str | DbUrl | None) -> DbUrl:
 
 def copy(*, table: str | None = None, source: str | DbUrl | None = None,
          target: str | DbUrl | None = None, to_table: str | None = None,
-         query: str | None = None, transform: str | Callable[[Any], Any] | None = None, key: str | list[str] | None = None,
+         query: str | None = None, since_column: str | None = None, transform: str | Callable[[Any], Any] | None = None, key: str | list[str] | None = None,
          columns: str | list[str] | None = None, where: str | None = None,
          mode: str | Mode = Mode.APPEND, create: bool = True, job: str | None = None,
          state: str | DbUrl | None = None, state_schema: str = DEFAULT_SCHEMA,
@@ -62,7 +62,8 @@ def copy(*, table: str | None = None, source: str | DbUrl | None = None,
     PostgreSQL), ``table``/``to_table`` are ``[schema.]name``; ``query`` (instead of
     ``table``, with ``to_table`` and ``key``) copies a query's result, resumable on
     its key; ``transform`` is ``"module:function"`` or a callable taking and returning a
-    ``polars.DataFrame`` per chunk (see :mod:`etl.transforms`: rows with a reason in
+    ``polars.DataFrame`` per chunk; ``since_column`` makes the job incremental (each
+    run copies the rows whose column is at or past the last finished run's maximum) (see :mod:`etl.transforms`: rows with a reason in
     ``_reject`` become dead letters of category ``validation``); ``key``/``columns``
     are ``"a,b"`` or lists, ``chunk_size`` an int or ``"auto"``, ``max_runtime``
     seconds or a duration such as ``"5m"``. A chunk that fails transiently (lost
@@ -114,6 +115,9 @@ def copy(*, table: str | None = None, source: str | DbUrl | None = None,
         loaded = transform
         transform_name = f"{getattr(transform, '__module__', '?')}:" \
                          f"{getattr(transform, '__qualname__', repr(transform))}"
+    if since_column and opt.parse_mode(mode) is Mode.REPLACE:
+        raise UsageError("--since-column copies changed rows into the target; it cannot be "
+                         "combined with --mode replace (use upsert)")
     if bool(table) == bool(query):
         raise UsageError("give either --table or --query (with --to-table and --key)")
     if query and not to_table:
@@ -132,7 +136,7 @@ def copy(*, table: str | None = None, source: str | DbUrl | None = None,
         create=create, restart=restart, pacing=pacing, retry=retry,
         limits=ErrorLimits(max_errors=max_errors, max_error_rate=max_error_rate),
         lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"), state_schema=state_schema,
-        query=query or None, transform=loaded, transform_name=transform_name,
+        query=query or None, since_column=since_column or None, transform=loaded, transform_name=transform_name,
     )
     if report:
         _check_writable(Path(report))

@@ -102,6 +102,7 @@ class Checkpoint:
     run_id: str | None = None
     updated_at: str | None = None
     outcomes: dict[str, int] = field(default_factory=dict)  # inserted, updated, unchanged, …
+    watermark: dict[str, Any] | None = None  # --since-column jobs (see sql/003)
 
 
 @dataclass(frozen=True)

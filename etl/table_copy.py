@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import catalog, pg, transforms
+from . import catalog, incremental, pg, transforms
 from .errors import EtlError, TargetError, UsageError, sqlstate_of
 from .isolate import BadRange, is_data_error, isolate
 from .model import Category, Checkpoint, Column, Mode, Status, TableName
@@ -78,6 +78,7 @@ class CopySpec:
     query: str | None = None      # --query: copy this query's result (then ``table`` names it)
     transform: Transform | None = None  # --transform: reshape each chunk as a DataFrame
     transform_name: str | None = None
+    since_column: str | None = None  # incremental: rows changed since the last finished run
 
     @property
     def source_name(self) -> str:
@@ -104,7 +105,7 @@ class CopySpec:
             "pacing": dataclasses.asdict(self.pacing), "retry": dataclasses.asdict(self.retry),
             "limits": dataclasses.asdict(self.limits),
             "lock_timeout": self.lock_timeout, "query": self.query,
-            "transform": self.transform_name,
+            "transform": self.transform_name, "since_column": self.since_column,
         }
 
 
@@ -146,6 +147,9 @@ def make_plan(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connecti
     key = tuple(info.column(k) for k in key_names)
     if spec.where:
         _check_where(sconn, spec)
+    if spec.since_column and spec.since_column not in {c.name for c in columns}:
+        raise UsageError(f"--since-column {spec.since_column}: no such column among the copied "
+                         f"ones ({', '.join(c.name for c in columns)})")
     _refuse_null_keys(sconn, spec, key)
     ddl: tuple[str, ...] = ()
     binary = True
@@ -682,9 +686,19 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
                                                            spec.state_schema)
         if found is not None and found[1] and spec.mode is Mode.REPLACE:
             found = None  # the last replace finished: this run is a fresh one, and empties again
+        watermark: dict[str, Any] | None = None
+        if spec.since_column:
+            if found is None or found[1] or found[0].watermark is None:
+                # a new walk over the rows changed since the last finished one
+                watermark = incremental.begin(sconn, plan, found[0].watermark if found else None)
+                found = None
+            else:
+                watermark = found[0].watermark
+            plan = incremental.restrict(plan, watermark)
+            result.metadata["watermark"] = {k: watermark[k] for k in ("column", "from", "next")}
         resuming = found is not None
         cp = found[0] if found else Checkpoint(job_id=spec.job_id, chunk_index=0, last_key=None,
-                                               run_id=run.run_id)
+                                               run_id=run.run_id, watermark=watermark)
         run.begin()
         if run.stale_runs_closed:
             log.warning("closed %d run(s) of %s left open by a process that died",

@@ -17,6 +17,10 @@ from .common import job_options, render
 @click.option("--query", metavar="SQL",
               help="Copy the result of this query instead of a table (trusted operator input); "
                    "needs --to-table and --key, and is resumable on that key.")
+@click.option("--since-column", metavar="COL",
+              help="Incremental sync: each run copies only rows whose COL (e.g. updated_at) is at "
+                   "or past the maximum the last finished run saw; use with --mode upsert so "
+                   "changed rows are updated.")
 @click.option("--transform", metavar="MODULE:FUNCTION",
               help="Reshape each chunk with this function (polars.DataFrame in, DataFrame out); "
                    "rows it returns with a reason in column _reject become dead letters "

@@ -37,16 +37,18 @@ def write_checkpoint(conn: psycopg.Connection, cp: Checkpoint, *, finished: bool
     conn.execute(
         schema_sql(schema, """
         INSERT INTO {s}.checkpoints AS c (job_id, partition, run_id, chunk_index, last_key,
-            processed, succeeded, failed, skipped, bytes, checksum, finished, updated_at, outcomes)
+            processed, succeeded, failed, skipped, bytes, checksum, finished, updated_at, outcomes,
+            watermark)
         VALUES (%(job_id)s, '', %(run_id)s, %(chunk_index)s, %(last_key)s::jsonb, %(processed)s,
             %(succeeded)s, %(failed)s, %(skipped)s, %(bytes)s, %(checksum)s, %(finished)s, now(),
-            %(outcomes)s::jsonb)
+            %(outcomes)s::jsonb, %(watermark)s::jsonb)
         ON CONFLICT (job_id, partition) DO UPDATE SET
             run_id = excluded.run_id, chunk_index = excluded.chunk_index,
             last_key = excluded.last_key, processed = excluded.processed,
             succeeded = excluded.succeeded, failed = excluded.failed, skipped = excluded.skipped,
             bytes = excluded.bytes, checksum = excluded.checksum, finished = excluded.finished,
-            updated_at = excluded.updated_at, outcomes = excluded.outcomes
+            updated_at = excluded.updated_at, outcomes = excluded.outcomes,
+            watermark = excluded.watermark
         """),
         {
             "job_id": cp.job_id, "run_id": cp.run_id, "chunk_index": cp.chunk_index,
@@ -54,6 +56,7 @@ def write_checkpoint(conn: psycopg.Connection, cp: Checkpoint, *, finished: bool
             "processed": cp.processed, "succeeded": cp.succeeded, "failed": cp.failed,
             "skipped": cp.skipped, "bytes": cp.bytes, "checksum": cp.checksum,
             "finished": finished, "outcomes": json.dumps(cp.outcomes),
+            "watermark": json.dumps(cp.watermark) if cp.watermark is not None else None,
         },
     )
 
@@ -89,7 +92,7 @@ def read_checkpoint(conn: psycopg.Connection, job_id: str,
                     ELSE array(SELECT jsonb_array_elements_text(last_key)) END,
                processed, succeeded, failed, skipped, bytes, checksum, run_id::text,
                to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), finished,
-               outcomes
+               outcomes, watermark
         FROM {s}.checkpoints WHERE job_id = %s AND partition = ''
         """),
         (job_id,),
@@ -97,13 +100,13 @@ def read_checkpoint(conn: psycopg.Connection, job_id: str,
     if row is None:
         return None
     (chunk_index, key_json, key_text, processed, succeeded, failed, skipped, nbytes,
-     checksum, run_id, updated_at, finished, outcomes) = row
+     checksum, run_id, updated_at, finished, outcomes, watermark) = row
     cp = Checkpoint(
         job_id=job_id, chunk_index=chunk_index,
         last_key=tuple(key_text) if key_text is not None else None,
         last_key_json=list(key_json or []), processed=processed, succeeded=succeeded,
         failed=failed, skipped=skipped, bytes=nbytes, checksum=checksum, run_id=run_id,
-        updated_at=updated_at, outcomes=dict(outcomes or {}),
+        updated_at=updated_at, outcomes=dict(outcomes or {}), watermark=watermark,
     )
     return cp, bool(finished)
 
