@@ -36,7 +36,8 @@ def resolve_url(url: str | DbUrl | None) -> DbUrl:
     return parse(embedded.ensure_url())
 
 
-def copy(*, table: str | None = None, source: str | DbUrl | None = None,
+def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
+         exclude: str | list[str] | None = None, source: str | DbUrl | None = None,
          target: str | DbUrl | None = None, to_table: str | None = None,
          query: str | None = None, since_column: str | None = None, transform: str | Callable[[Any], Any] | None = None, key: str | list[str] | None = None,
          columns: str | list[str] | None = None, where: str | None = None,
@@ -59,7 +60,10 @@ def copy(*, table: str | None = None, source: str | DbUrl | None = None,
     resumes after the last committed chunk; ``restart=True`` starts over.
 
     Options mirror `etl copy`: ``source``/``target`` are URLs (None: the embedded
-    PostgreSQL), ``table``/``to_table`` are ``[schema.]name``; ``query`` (instead of
+    PostgreSQL), ``table``/``to_table`` are ``[schema.]name``; several tables (a list,
+    or ``all_tables=True`` minus the ``exclude`` glob patterns) are copied parents
+    first, one job each, and the Result sums them (``metadata["tables"]`` holds each
+    table's report); ``query`` (instead of
     ``table``, with ``to_table`` and ``key``) copies a query's result, resumable on
     its key; ``transform`` is ``"module:function"`` or a callable taking and returning a
     ``polars.DataFrame`` per chunk; ``since_column`` makes the job incremental (each
@@ -82,8 +86,13 @@ def copy(*, table: str | None = None, source: str | DbUrl | None = None,
     when the job cannot start (unreachable database, missing table, job locked).
     Once running, failures end in the returned Result (``status`` ``failed``).
     """
+    options = dict(locals())  # first: the call's options, nothing else
     from .jobrun import JobRun
 
+    tables = [table] if isinstance(table, str) else list(table or [])
+    if all_tables or len(tables) > 1:
+        return _copy_many(tables, options)
+    table = tables[0] if tables else None
     parsed_mode = opt.parse_mode(mode)
     pacing = Pacing(
         chunk_size=opt.parse_chunk_size(chunk_size),
@@ -161,6 +170,51 @@ def copy(*, table: str | None = None, source: str | DbUrl | None = None,
                 tconn.close()
         finally:
             sconn.close()
+    if report:
+        result.write(report)
+    return result
+
+
+def _copy_many(tables: list[str], options: dict[str, Any]) -> Result:
+    """Several tables (``--table`` repeated or ``--all-tables``): parents first, one job each."""
+    import time
+
+    from . import multi, pg
+
+    if options["all_tables"] and tables:
+        raise UsageError("give --table(s) or --all-tables, not both")
+    for name in ("to_table", "query", "job", "since_column"):
+        if options[name]:
+            raise UsageError(f"--{name.replace('_', '-')} names one table's copy; it cannot be "
+                             "used with several tables (run one copy per table)")
+    src = resolve_url(options["source"])
+    with pg.connect(src, "source", autocommit=True) as conn:
+        names = (multi.all_tables(conn, options["state_schema"]) if options["all_tables"]
+                 else [TableName.parse(t) for t in tables])
+        names = multi.excluding(names, opt.parse_names(options["exclude"], "--exclude") or ())
+        if not names:
+            raise UsageError("no table to copy: --all-tables found none (or --exclude "
+                             "removed them all)")
+        ordered = multi.parents_first(conn, names)
+    stop = options["stop"] if options["stop"] is not None else StopFlag()
+    deadline = None
+    if options["max_runtime"] is not None:
+        deadline = time.monotonic() + (opt.parse_duration(options["max_runtime"], "--max-runtime")
+                                       or 0)
+    report = options["report"]
+    if report:
+        _check_writable(Path(report))
+
+    def copy_one(t: TableName) -> Result:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        return copy(**{**options, "table": str(t), "all_tables": False, "exclude": None,
+                       "report": None, "stop": stop, "max_runtime": left,
+                       "source": src})
+
+    with stop_on_signals(stop):
+        result = multi.copy_tables(
+            ordered, copy_one,
+            stopped=lambda: bool(stop) or (deadline is not None and time.monotonic() >= deadline))
     if report:
         result.write(report)
     return result

@@ -83,6 +83,7 @@ class Column:
     name: str
     type_sql: str  # the exact type, e.g. "numeric(12,2)", "public.mood", "integer[]"
     not_null: bool = False
+    auto_increment: bool = False  # serial or identity: a sequence numbers it
 
 
 @dataclass(frozen=True)

@@ -731,6 +731,7 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
         result.rows_this_run = loop.rows
         result.metadata["chunk_size_last"] = loop.last_chunk_size
         if loop.status is Status.COMPLETED:
+            _advance_sequences(tconn, spec, result)
             _mark_finished(tconn if spec.state_in_target else run.store.conn, cp, spec)
             result.total_items = cp.processed
             if cp.failed:
@@ -774,6 +775,14 @@ def _after_chunk(outcome: StepOutcome, result: Result, run: JobRun) -> Checkpoin
 def _mark_finished(conn: psycopg.Connection, cp: Checkpoint, spec: CopySpec) -> None:
     with conn.transaction():
         write_checkpoint(conn, cp, finished=True, schema=spec.state_schema)
+
+
+def _advance_sequences(tconn: psycopg.Connection, spec: CopySpec, result: Result) -> None:
+    with tconn.transaction():
+        moved = catalog.advance_sequences(tconn, spec.target_table)
+    if moved:
+        log.info("sequences of %s set past the copied values: %s", spec.target_table, moved)
+        result.metadata["sequences"] = moved
 
 
 def _fail(result: Result, exc: BaseException, message: str) -> None:

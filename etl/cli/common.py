@@ -83,6 +83,13 @@ def render(result: Result, as_json: bool) -> None:
                    f"{s['skipped']:,} skipped of {s['total_items']:,}"
                    f"  ({doc['metadata']['rows_this_run']:,} this run, "
                    f"{s['duration_seconds']}s, {s['items_per_second']:,.0f} rows/s)")
+        for table in doc["metadata"].get("tables", []):
+            if "summary" in table:
+                ts = table["summary"]
+                click.echo(f"  {table['job_id']:<40} {table['status']:<22} "
+                           f"{ts['succeeded']:>12,} ok {ts['failed']:>8,} failed")
+            else:
+                click.echo(f"  {table['table']:<40} failed: {table['message']}")
         cp = doc["last_checkpoint"]
         if cp:
             click.echo(f"  checkpoint: chunk {cp.get('chunk_index')}, last key {cp.get('last_key')}")

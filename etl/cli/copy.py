@@ -13,7 +13,14 @@ from .common import job_options, render
               help="Source database URL (default: the embedded PostgreSQL).")
 @click.option("--target", metavar="URL", envvar="ETL_TARGET_URL", show_envvar=True,
               help="Target database URL (default: the embedded PostgreSQL).")
-@click.option("--table", metavar="[SCHEMA.]TABLE", help="Table to copy.")
+@click.option("--table", "table", multiple=True, metavar="[SCHEMA.]TABLE",
+              help="Table to copy; repeat for several (copied parents first, following their "
+                   "foreign keys, one job each).")
+@click.option("--all-tables", is_flag=True,
+              help="Copy every table of the source (outside system schemas and the state store).")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="With several tables: leave out tables matching this glob (SCHEMA.TABLE or "
+                   "TABLE); repeatable.")
 @click.option("--query", metavar="SQL",
               help="Copy the result of this query instead of a table (trusted operator input); "
                    "needs --to-table and --key, and is resumable on that key.")
@@ -56,5 +63,7 @@ def copy(**kw: object) -> None:
     """
     as_json = bool(kw.pop("as_json"))
     report = kw.pop("report_path")
+    kw["table"] = list(kw["table"]) or None  # type: ignore[call-overload]
+    kw["exclude"] = list(kw["exclude"]) or None  # type: ignore[call-overload]
     result = api.copy(report=report, **kw)  # type: ignore[arg-type]
     render(result, as_json)
