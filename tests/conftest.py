@@ -116,3 +116,59 @@ def run_etl(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(etl_cmd(*args), capture_output=True, text=True, env=full_env,
                           timeout=timeout, input=input, cwd=ROOT)
+
+
+# -- MariaDB/MySQL ------------------------------------------------------------------------
+
+LOCAL_MARIADB = "mysql+pymysql://root@127.0.0.1:3306/"
+
+
+@pytest.fixture(scope="session")
+def mariadb_url() -> str:
+    """URL of a real MariaDB/MySQL server ($ETL_TEST_MYSQL_URL, else root@127.0.0.1:3306).
+
+    Skipped when none answers — except under ETL_REQUIRE_SERVICES=1 (CI), where the
+    absence of the server fails the test instead of hiding it.
+    """
+    import pymysql
+    from sqlalchemy.engine import make_url
+
+    url = os.environ.get("ETL_TEST_MYSQL_URL") or LOCAL_MARIADB
+    parsed = make_url(url)
+    try:
+        pymysql.connect(host=parsed.host or "127.0.0.1", port=parsed.port or 3306,
+                        user=parsed.username or "root", password=parsed.password or "",
+                        connect_timeout=3).close()
+    except pymysql.Error as exc:
+        reason = f"MariaDB/MySQL not reachable at {parsed.render_as_string(hide_password=True)}: {exc}"
+        if os.environ.get("ETL_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{reason} (ETL_REQUIRE_SERVICES=1: start it, or unset the variable)")
+        pytest.skip(f"{reason}; set ETL_TEST_MYSQL_URL or start MariaDB to run these tests")
+    return url
+
+
+@pytest.fixture
+def make_mariadb_db(mariadb_url: str) -> Iterator[Callable[[str], str]]:
+    """Factory: a fresh, empty MariaDB database (utf8mb4); dropped after the test."""
+    import pymysql
+    from sqlalchemy.engine import make_url
+
+    server = make_url(mariadb_url)
+    created: list[str] = []
+
+    def connect() -> pymysql.Connection:
+        return pymysql.connect(host=server.host or "127.0.0.1", port=server.port or 3306,
+                               user=server.username or "root", password=server.password or "",
+                               autocommit=True)
+
+    def make(prefix: str = "t") -> str:
+        name = f"etl_{prefix}_{uuid.uuid4().hex[:10]}"
+        with connect() as conn, conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        created.append(name)
+        return server.set(database=name).render_as_string(hide_password=False)
+
+    yield make
+    with connect() as conn, conn.cursor() as cur:
+        for name in created:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
