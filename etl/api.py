@@ -39,7 +39,8 @@ def resolve_url(url: str | DbUrl | None) -> DbUrl:
 def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
          exclude: str | list[str] | None = None, source: str | DbUrl | None = None,
          target: str | DbUrl | None = None, to_table: str | None = None,
-         query: str | None = None, since_column: str | None = None, transform: str | Callable[[Any], Any] | None = None, key: str | list[str] | None = None,
+         query: str | None = None, since_column: str | None = None,
+         rename_columns: str | dict[str, str] | None = None, transform: str | Callable[[Any], Any] | None = None, key: str | list[str] | None = None,
          columns: str | list[str] | None = None, where: str | None = None,
          mode: str | Mode = Mode.APPEND, create: bool = True, job: str | None = None,
          state: str | DbUrl | None = None, state_schema: str = DEFAULT_SCHEMA,
@@ -66,7 +67,8 @@ def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
     table's report); ``query`` (instead of
     ``table``, with ``to_table`` and ``key``) copies a query's result, resumable on
     its key; ``transform`` is ``"module:function"`` or a callable taking and returning a
-    ``polars.DataFrame`` per chunk; ``since_column`` makes the job incremental (each
+    ``polars.DataFrame`` per chunk; ``rename_columns`` is ``"snake_case"``, ``"lower"``,
+    ``"Old=new,…"`` or a dict (target column names); ``since_column`` makes the job incremental (each
     run copies the rows whose column is at or past the last finished run's maximum) (see :mod:`etl.transforms`: rows with a reason in
     ``_reject`` become dead letters of category ``validation``); ``key``/``columns``
     are ``"a,b"`` or lists, ``chunk_size`` an int or ``"auto"``, ``max_runtime``
@@ -145,7 +147,8 @@ def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
         create=create, restart=restart, pacing=pacing, retry=retry,
         limits=ErrorLimits(max_errors=max_errors, max_error_rate=max_error_rate),
         lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"), state_schema=state_schema,
-        query=query or None, since_column=since_column or None, transform=loaded, transform_name=transform_name,
+        query=query or None, since_column=since_column or None,
+        rename_columns=rename_columns or None, transform=loaded, transform_name=transform_name,
     )
     if report:
         _check_writable(Path(report))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import catalog, incremental, pg, transforms
+from . import catalog, incremental, naming, pg, transforms
 from .errors import EtlError, TargetError, UsageError, sqlstate_of
 from .isolate import BadRange, is_data_error, isolate
 from .model import Category, Checkpoint, Column, Mode, Status, TableName
@@ -79,6 +79,7 @@ class CopySpec:
     transform: Transform | None = None  # --transform: reshape each chunk as a DataFrame
     transform_name: str | None = None
     since_column: str | None = None  # incremental: rows changed since the last finished run
+    rename_columns: str | dict[str, str] | None = None  # target names: snake_case, lower, a map
 
     @property
     def source_name(self) -> str:
@@ -106,6 +107,7 @@ class CopySpec:
             "limits": dataclasses.asdict(self.limits),
             "lock_timeout": self.lock_timeout, "query": self.query,
             "transform": self.transform_name, "since_column": self.since_column,
+            "rename_columns": self.rename_columns,
         }
 
 
@@ -124,6 +126,13 @@ class CopyPlan:
     unique_key: bool = True       # the key is the primary key: one row per key value
     conflict_key: tuple[str, ...] = ()  # upsert/ignore: the target's unique columns to match on
     target_columns: tuple[Column, ...] = ()  # as the target has them (or will, once created)
+    renamed: dict[str, str] = dataclasses.field(default_factory=dict)  # source → target name
+
+    @property
+    def write_columns(self) -> tuple[Column, ...]:
+        """The copied columns under their target names (--rename-columns)."""
+        return tuple(dataclasses.replace(c, name=self.renamed.get(c.name, c.name))
+                     for c in self.columns)
 
     @property
     def query(self) -> KeysetQuery:
@@ -151,6 +160,10 @@ def make_plan(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connecti
         raise UsageError(f"--since-column {spec.since_column}: no such column among the copied "
                          f"ones ({', '.join(c.name for c in columns)})")
     _refuse_null_keys(sconn, spec, key)
+    renamed = naming.rename_map(spec.rename_columns, [c.name for c in columns])
+    source_columns = columns
+    columns = tuple(dataclasses.replace(c, name=renamed[c.name]) for c in columns)
+    target_pk = tuple(renamed.get(k, k) for k in info.primary_key)
     ddl: tuple[str, ...] = ()
     binary = True
     target_columns = columns
@@ -174,16 +187,18 @@ def make_plan(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connecti
             "create it first, or drop --no-create to create it from the source"
         )
     else:
-        ddl = _target_ddl(spec, sconn, tconn, columns, info.primary_key)
+        ddl = _target_ddl(spec, sconn, tconn, columns, target_pk)
     conflict_key: tuple[str, ...] = ()
     if spec.mode in (Mode.UPSERT, Mode.IGNORE):
-        conflict_key = _conflict_key(spec, tconn, target_exists, info.primary_key, key_names,
+        conflict_key = _conflict_key(spec, tconn, target_exists, target_pk,
+                                     tuple(renamed[k] for k in key_names),
                                      {c.name for c in target_columns})
     sconn.rollback()
     tconn.rollback()
-    return CopyPlan(spec, columns, key, info.primary_key, target_exists, binary,
+    return CopyPlan(spec, source_columns, key, info.primary_key, target_exists, binary,
                     info.estimated_rows, ddl, unique_key=key_names == info.primary_key,
-                    conflict_key=conflict_key, target_columns=target_columns)
+                    conflict_key=conflict_key, target_columns=target_columns,
+                    renamed={k: v for k, v in renamed.items() if k != v})
 
 
 def _conflict_key(spec: CopySpec, tconn: psycopg.Connection, target_exists: bool,
@@ -277,6 +292,8 @@ def describe_plan(plan: CopyPlan, checkpoint: Checkpoint | None, remaining: int,
         + ("  (in the target: checkpoint in each chunk's transaction)" if spec.state_in_target else ""),
         f"key:          {', '.join(f'{k.name} {k.type_sql}' for k in plan.key)}",
         f"columns:      {', '.join(c.name for c in plan.columns)}",
+        *([f"renamed:      {', '.join(f'{a} → {b}' for a, b in plan.renamed.items())}"]
+          if plan.renamed else []),
         f"mode:         {spec.mode.value}   COPY format: {'binary' if plan.binary else 'text'}",
     ]
     if checkpoint is not None and checkpoint.last_key is not None and not spec.restart:
@@ -383,10 +400,10 @@ class CopyStep:
         spec = self.plan.spec
         self.sink: PgCopySink | PgMergeSink
         if spec.mode in (Mode.UPSERT, Mode.IGNORE):
-            self.sink = PgMergeSink(tconn, spec.target_table, self.plan.columns,
+            self.sink = PgMergeSink(tconn, spec.target_table, self.plan.write_columns,
                                     self.plan.conflict_key, spec.mode, binary=self.plan.binary)
         else:
-            self.sink = PgCopySink(tconn, spec.target_table, self.plan.columns,
+            self.sink = PgCopySink(tconn, spec.target_table, self.plan.write_columns,
                                    binary=self.plan.binary)
 
     def ensure_connected(self) -> None:
@@ -549,7 +566,8 @@ class CopyStep:
         key = tuple(k.name for k in self.plan.key)
         applied = transforms.apply(spec.transform, self.source.fetch_frame(lower, upper), key,
                                    spec.transform_name or "transform")
-        kept = applied.kept
+        kept = applied.kept.rename({k: v for k, v in self.plan.renamed.items()
+                                    if k in applied.kept.columns})
         sink = self._frame_sink(tuple(kept.columns))
 
         def write_slice(a: int | None, b: int) -> int:
@@ -655,7 +673,10 @@ class CopyStep:
 
     def _delete_replayed(self, lower: tuple[str, ...] | None, upper: tuple[str, ...]) -> None:
         """State elsewhere: rows of a chunk whose checkpoint was lost are removed, then rewritten."""
-        q = dataclasses.replace(self.plan.query, table=self.plan.spec.target_table)
+        target_key = tuple(c for c in self.plan.write_columns
+                           if c.name in {self.plan.renamed.get(k.name, k.name) for k in self.plan.key})
+        q = dataclasses.replace(self.plan.query, table=self.plan.spec.target_table, key=target_key,
+                                source_sql=None, where=None)
         self.tconn.execute(q.delete_range_sql(lower is not None), q.params(lower, upper))
 
 

@@ -24,6 +24,9 @@ from .common import job_options, render
 @click.option("--query", metavar="SQL",
               help="Copy the result of this query instead of a table (trusted operator input); "
                    "needs --to-table and --key, and is resumable on that key.")
+@click.option("--rename-columns", metavar="snake_case|lower|OLD=new,…",
+              help="Name the target's columns differently: snake_case (InvoiceLineId -> "
+                   "invoice_line_id), lower, or an explicit list OLD=new[,OLD2=new2…].")
 @click.option("--since-column", metavar="COL",
               help="Incremental sync: each run copies only rows whose COL (e.g. updated_at) is at "
                    "or past the maximum the last finished run saw; use with --mode upsert so "
