@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import pg
+from . import catalog, naming, pg
 from .errors import UsageError, sqlstate_of
 from .isolate import is_data_error
 from .model import TableName
@@ -111,6 +111,11 @@ def replay_dead_letters(job: str, *, target: str | DbUrl | None = None,
     job_type, args = job_row
     if job_type != "copy" or "target_table" not in args:
         raise UsageError(f"replay is not available for {job_type} jobs yet")
+    if args.get("transform"):
+        raise UsageError(f"job {job} transforms its rows ({args['transform']}) and the dead "
+                         "letters hold the original rows: replaying them would skip the "
+                         "transform. Fix the cause, then rerun the copy with --restart (or "
+                         "copy the keys again with --where)")
     table = TableName.parse(args["target_table"])
     same_db = state_url.same_database(target_url)
     where, params = _filters(job, category, error_type)
@@ -125,11 +130,15 @@ def replay_dead_letters(job: str, *, target: str | DbUrl | None = None,
             "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
             "AND NOT attisdropped", (f'"{table.schema}"."{table.name}"',))}
         ident = sql.Identifier(table.schema, table.name)
-        for letter_id, row in letters:
+        on_conflict = _on_conflict(tconn, table, args.get("mode", "append"))
+        for letter_id, source_row in letters:
+            renamed = naming.rename_map(args.get("rename_columns"), list(source_row))
+            row = {renamed[k]: v for k, v in source_row.items()}
             cols = [c for c in row if c in target_cols]
             insert = sql.SQL("INSERT INTO {t} ({c}) SELECT {c} FROM jsonb_populate_record("
-                             "NULL::{t}, %s)").format(
-                t=ident, c=sql.SQL(", ").join(map(sql.Identifier, cols)))
+                             "NULL::{t}, %s){conflict}").format(
+                t=ident, c=sql.SQL(", ").join(map(sql.Identifier, cols)),
+                conflict=on_conflict(cols))
             state_conn = tconn if same_db else stconn
             try:
                 with tconn.transaction():
@@ -150,6 +159,25 @@ def replay_dead_letters(job: str, *, target: str | DbUrl | None = None,
                      letter_id))
                 result.still_failing += 1
     return result
+
+
+def _on_conflict(tconn: Any, table: TableName, mode: str) -> Any:
+    """The job's mode for a replayed row: upsert updates an existing key, ignore keeps it."""
+    from psycopg import sql
+
+    keys = catalog.unique_keys(tconn, table)
+    if mode not in ("upsert", "ignore") or not keys:
+        return lambda cols: sql.SQL("")
+    key = keys[0]
+
+    def clause(cols: list[str]) -> Any:
+        others = [c for c in cols if c not in key]
+        target = sql.SQL(", ").join(map(sql.Identifier, key))
+        if mode == "ignore" or not others:
+            return sql.SQL(" ON CONFLICT ({}) DO NOTHING").format(target)
+        return sql.SQL(" ON CONFLICT ({}) DO UPDATE SET {}").format(target, sql.SQL(", ").join(
+            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in others))
+    return clause
 
 
 def _settle(conn: Any, schema: str, job: str, letter_id: int) -> None:

@@ -123,3 +123,28 @@ def test_cli_modes_report_outcomes(src: str, dst: str, mode: str) -> None:
         assert fingerprint(dst, "items") == fingerprint(src, "items")
     else:
         assert doc["summary"]["skipped"] == N // 2
+
+
+def test_dlq_replay_follows_the_jobs_mode_and_column_names(src: str, dst: str) -> None:
+    execute(src, """
+        CREATE TABLE "Acct" ("AcctId" int PRIMARY KEY, "Balance" int);
+        INSERT INTO "Acct" SELECT g, g FROM generate_series(1, 100) g;
+        UPDATE "Acct" SET "Balance" = -1 WHERE "AcctId" IN (10, 20);
+    """)
+    execute(dst, "CREATE TABLE acct (acct_id int PRIMARY KEY, balance int CHECK (balance >= 0))")
+    kw = dict(source=src, target=dst, table="Acct", to_table="acct", mode="upsert",
+              rename_columns="snake_case")
+    first = etl.copy(**kw)
+    assert first.failed == 2
+    # someone writes one of the keys meanwhile; the cause is fixed
+    execute(dst, "INSERT INTO acct VALUES (10, 999); "
+                 "ALTER TABLE acct DROP CONSTRAINT acct_balance_check")
+    replay = etl.replay_dead_letters("copy:public.acct", state=dst)
+    assert (replay.replayed, replay.still_failing) == (2, 0)
+    assert scalar(dst, "SELECT count(*) FROM acct WHERE balance = -1") == 2  # upserted
+    with_transform = etl.copy(source=src, target=dst, table="Acct", to_table="acct2",
+                              rename_columns="snake_case", transform=lambda df: df,
+                              job="tx")
+    assert with_transform.ok
+    with pytest.raises(etl.UsageError, match="skip the transform"):
+        etl.replay_dead_letters("tx", state=dst)
