@@ -129,6 +129,12 @@ class CopyPlan:
     renamed: dict[str, str] = dataclasses.field(default_factory=dict)  # source → target name
 
     @property
+    def conflict_on_key(self) -> bool:
+        """Upsert/ignore match on the source's unique key: no two rows of a chunk collide."""
+        names = {self.renamed.get(k.name, k.name) for k in self.key}
+        return self.unique_key and set(self.conflict_key) == names
+
+    @property
     def write_columns(self) -> tuple[Column, ...]:
         """The copied columns under their target names (--rename-columns)."""
         return tuple(dataclasses.replace(c, name=self.renamed.get(c.name, c.name))
@@ -196,7 +202,9 @@ def make_plan(spec: CopySpec, sconn: psycopg.Connection, tconn: psycopg.Connecti
     sconn.rollback()
     tconn.rollback()
     return CopyPlan(spec, source_columns, key, info.primary_key, target_exists, binary,
-                    info.estimated_rows, ddl, unique_key=key_names == info.primary_key,
+                    info.estimated_rows, ddl,
+                    # a query's --key is the user's word, not a constraint: keep the safe paths
+                    unique_key=key_names == info.primary_key and not spec.query,
                     conflict_key=conflict_key, target_columns=target_columns,
                     renamed={k: v for k, v in renamed.items() if k != v})
 
@@ -401,7 +409,8 @@ class CopyStep:
         self.sink: PgCopySink | PgMergeSink
         if spec.mode in (Mode.UPSERT, Mode.IGNORE):
             self.sink = PgMergeSink(tconn, spec.target_table, self.plan.write_columns,
-                                    self.plan.conflict_key, spec.mode, binary=self.plan.binary)
+                                    self.plan.conflict_key, spec.mode, binary=self.plan.binary,
+                                    unique_rows=self.plan.conflict_on_key)
         else:
             self.sink = PgCopySink(tconn, spec.target_table, self.plan.write_columns,
                                    binary=self.plan.binary)
@@ -626,7 +635,7 @@ class CopyStep:
         sink: PgCopySink | PgMergeSink
         if spec.mode in (Mode.UPSERT, Mode.IGNORE):
             sink = PgMergeSink(self.tconn, spec.target_table, cols, self.plan.conflict_key,
-                               spec.mode, csv=True)
+                               spec.mode, csv=True, unique_rows=self.plan.conflict_on_key)
         else:
             sink = PgCopySink(self.tconn, spec.target_table, cols, csv=True)
         self._frame_sinks[names] = sink

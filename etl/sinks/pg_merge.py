@@ -37,7 +37,9 @@ class PgMergeSink:
 
     def __init__(self, conn: psycopg.Connection, table: TableName, columns: tuple[Column, ...],
                  key: tuple[str, ...], mode: Mode, *, binary: bool = True,
-                 csv: bool = False) -> None:
+                 csv: bool = False, unique_rows: bool = False) -> None:
+        """``unique_rows``: the rows written never share ``key`` (it is the source's unique
+        key): the merge then skips resolving duplicates, a sort of every staged row."""
         from psycopg import sql
 
         if mode not in (Mode.UPSERT, Mode.IGNORE):
@@ -74,14 +76,23 @@ class PgMergeSink:
                 action = sql.SQL("DO NOTHING")
         else:
             action = sql.SQL("DO NOTHING")
-        self._merge = sql.SQL(
-            "WITH latest AS MATERIALIZED ({latest}), "
-            "merged AS (INSERT INTO {target} AS t ({cols}) SELECT * FROM latest "
-            "ON CONFLICT ({keys}) {action} RETURNING (xmax = 0) AS inserted) "
-            "SELECT (SELECT count(*) FROM {stage}), (SELECT count(*) FROM latest), "
-            "count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged"
-        ).format(target=ident, cols=cols, latest=latest, keys=keys, action=action,
-                 stage=sql.Identifier("pg_temp", STAGE_TABLE))
+        self.unique_rows = unique_rows
+        if unique_rows:
+            self._merge = sql.SQL(
+                "WITH merged AS (INSERT INTO {target} AS t ({cols}) SELECT {cols} FROM {stage} "
+                "ON CONFLICT ({keys}) {action} RETURNING (xmax = 0) AS inserted) "
+                "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) "
+                "FROM merged"
+            ).format(target=ident, cols=cols, keys=keys, action=action,
+                     stage=sql.Identifier("pg_temp", STAGE_TABLE))
+        else:
+            self._merge = sql.SQL(
+                "WITH latest AS MATERIALIZED ({latest}), "
+                "merged AS (INSERT INTO {target} AS t ({cols}) SELECT * FROM latest "
+                "ON CONFLICT ({keys}) {action} RETURNING (xmax = 0) AS inserted) "
+                "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted), "
+                "(SELECT count(*) FROM latest) FROM merged"
+            ).format(target=ident, cols=cols, latest=latest, keys=keys, action=action)
         self.prepare()
 
     def prepare(self) -> None:
@@ -95,7 +106,9 @@ class PgMergeSink:
         row = self.conn.execute(self._merge).fetchone()
         self.conn.execute(self._empty)
         assert row is not None
-        staged, distinct, inserted, updated = (int(v) for v in row)
+        inserted, updated = int(row[0]), int(row[1])
+        staged = stats.rows
+        distinct = staged if self.unique_rows else int(row[2])
         outcomes = {"inserted": inserted, "superseded": staged - distinct}
         if self.mode is Mode.UPSERT:
             outcomes.update(updated=updated, unchanged=distinct - inserted - updated)
