@@ -109,10 +109,13 @@ def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
         retry_max_wait, "--retry-max-wait") or DEFAULT_RETRY_MAX_WAIT_SECONDS)
     src = resolve_url(source)
     tgt = resolve_url(target)
-    for url, role in ((src, "--source"), (tgt, "--target")):
-        if not url.is_postgres:
-            raise UsageError(f"{role} {url.masked}: only PostgreSQL URLs (postgresql://…) "
-                             "are supported by etl copy so far")
+    if not (src.is_postgres and tgt.is_postgres):
+        # MySQL/MariaDB or SQLite on either side: the portable job (etl.sql_copy), which
+        # refuses the options it does not take (--query, --transform, --since-column)
+        from . import sql_copy
+
+        return sql_copy.copy(options, src=src, tgt=tgt, table=table, mode=parsed_mode,
+                             pacing=pacing, retry=retry)
     state_url = parse(state) if state else tgt
     if not state_url.is_postgres:
         raise UsageError(f"--state {state_url.masked}: the state store must be PostgreSQL")

@@ -142,6 +142,11 @@ class SqlSink:
         self.conn.exec_driver_sql(
             f"DELETE FROM {qualified(self.conn.dialect, self.table.name, self.table.schema)}")
 
+    def adapt(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``row`` (in ``columns`` order) as this sink hands it to the driver: the values
+        its column holds, e.g. to look rows up by key."""
+        return self._adapt(row)
+
     # -- helpers ---------------------------------------------------------------------
     def _adapt(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
         return tuple(v if v is None or type(v) in _PASS else self._adapters[i](v)

@@ -97,7 +97,41 @@ class SqlaKeysetSource:
             after = sa.tuple_(*keys) > sa.tuple_(*binds)
         else:
             after = _expanded_after(keys, binds)
+        self._tbl, self._after = tbl, after
+        self._filters: list[Any] = [sa.literal_column(f"({where})")] if where else []
         return base, base.where(after)
+
+    def statement_sql(self, after: bool = True) -> str:
+        """The SQL of a chunk's read as the driver gets it (for --dry-run)."""
+        stmt = self._next if after else self._first
+        return str(stmt.compile(dialect=self.conn.dialect))
+
+    def count(self, after: tuple[Any, ...] | None = None, cap: int | None = None) -> int:
+        """Rows after key ``after`` (all when None) that the walk reads, counting at most
+        ``cap`` of them (a bounded, index-only count for a progress total)."""
+        import sqlalchemy as sa
+
+        conds = list(self._filters) + ([self._after] if after is not None else [])
+        inner: Select[Any] = sa.select(sa.literal_column("1").label("one")).select_from(self._tbl)
+        if conds:
+            inner = inner.where(*conds)
+        if cap is not None:
+            inner = inner.limit(cap)
+        stmt = sa.select(sa.func.count()).select_from(inner.subquery())
+        params = {f"etl_k{i}": v for i, v in enumerate(after or ())}
+        return int(self.conn.execute(stmt, params).scalar_one())
+
+    def count_null_keys(self) -> int:
+        """Rows (--where applied) with a NULL in a nullable key column: keyset chunks can
+        never reach them."""
+        import sqlalchemy as sa
+
+        nullable = [self._tbl.c[k] for k in self.key if self.table.column(k).nullable]
+        if not nullable:
+            return 0
+        stmt = sa.select(sa.func.count()).select_from(self._tbl).where(
+            sa.or_(*(c.is_(None) for c in nullable)), *self._filters)
+        return int(self.conn.execute(stmt).scalar_one())
 
     def read(self, after: tuple[Any, ...] | None, limit: int) -> SqlChunk | None:
         """The chunk of up to ``limit`` rows after key ``after`` (None: from the start)."""
