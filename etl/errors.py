@@ -100,7 +100,9 @@ def sqlstate_of(exc: BaseException) -> str | None:
     return None
 
 
-# MySQL/MariaDB error numbers (pymysql, mysqlclient), which carry no SQLSTATE attribute.
+# MySQL/MariaDB error numbers (pymysql, mysqlclient). They decide before the SQLSTATE
+# the server may also send: MySQL reports many distinct conditions as HY000 (a lock wait
+# timeout, a read-only server, a killed connection), which says nothing about retrying.
 _MYSQL_TRANSIENT = frozenset({
     1040,  # too many connections
     1205,  # lock wait timeout exceeded
@@ -154,6 +156,9 @@ def classify(exc: BaseException) -> Category:
     never by message text."""
     if isinstance(exc, EtlError) and not exc.sqlstate:
         return exc.category
+    by_number = _by_error_number(exc)
+    if by_number in (Category.TRANSIENT, Category.DATA):
+        return by_number
     state = sqlstate_of(exc) or (exc.sqlstate if isinstance(exc, EtlError) else None)
     if state:
         if state.startswith(_TRANSIENT_CLASSES) or state in _TRANSIENT_CODES:
@@ -161,7 +166,6 @@ def classify(exc: BaseException) -> Category:
         if state.startswith(_DATA_CLASSES):
             return Category.DATA
         return Category.FATAL
-    by_number = _by_error_number(exc)
     if by_number is not None:
         return by_number
     try:

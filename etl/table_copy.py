@@ -441,8 +441,8 @@ class CopyStep:
             if bound is None:
                 return None
             with self.tconn.transaction():
-                if self.replay_guard:
-                    self._delete_replayed(cp.last_key, bound.text)
+                replayed = self._delete_replayed(cp.last_key, bound.text) \
+                    if self.replay_guard else 0
                 written = self._write(lower, bound, cp)
                 dead = self._dead_letters(written.bad, cp.chunk_index + 1)
                 dead.append([{**r, "chunk_index": cp.chunk_index + 1} for r in written.letters])
@@ -467,7 +467,8 @@ class CopyStep:
             with self.run.store.conn.transaction():
                 insert_dead_letters(self.run.store.conn, records, schema=spec.state_schema)
                 write_checkpoint(self.run.store.conn, new, schema=spec.state_schema)
-        self.replay_guard = False
+        # the lost chunk may have been larger than this one: guard until a range held nothing
+        self.replay_guard = self.replay_guard and replayed > 0
         errors = [RowError(item_identifier=json.dumps(r["item_key"], default=str),
                            error_type=r["error_type"], category=r["category"],
                            error_message=r["error_message"], chunk_index=r["chunk_index"])
@@ -680,13 +681,15 @@ class CopyStep:
             } for row, key in self.source.rows_as_json(item.lo, item.hi)])
         return out
 
-    def _delete_replayed(self, lower: tuple[str, ...] | None, upper: tuple[str, ...]) -> None:
-        """State elsewhere: rows of a chunk whose checkpoint was lost are removed, then rewritten."""
+    def _delete_replayed(self, lower: tuple[str, ...] | None, upper: tuple[str, ...]) -> int:
+        """State elsewhere: rows of a chunk whose checkpoint was lost are removed, then
+        rewritten; returns how many there were."""
         target_key = tuple(c for c in self.plan.write_columns
                            if c.name in {self.plan.renamed.get(k.name, k.name) for k in self.plan.key})
         q = dataclasses.replace(self.plan.query, table=self.plan.spec.target_table, key=target_key,
                                 source_sql=None, where=None)
-        self.tconn.execute(q.delete_range_sql(lower is not None), q.params(lower, upper))
+        return max(self.tconn.execute(q.delete_range_sql(lower is not None),
+                                      q.params(lower, upper)).rowcount, 0)
 
 
 def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psycopg.Connection,

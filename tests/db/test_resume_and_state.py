@@ -98,6 +98,24 @@ def test_lost_checkpoint_with_state_elsewhere_does_not_duplicate(src: str, dst: 
     assert result.succeeded == 1000
 
 
+def test_lost_checkpoint_of_a_chunk_larger_than_the_resumed_ones(src: str, dst: str,
+                                                                  make_db) -> None:
+    """The lost chunk was 300 rows; the resumed run cuts chunks of 70: every range it
+    covers is cleared before it is rewritten, not only the first."""
+    state = make_db("state")
+    _events(src)
+    execute(dst, "CREATE TABLE ev (id int, v text)")  # no key: duplicates would be visible
+    flag = StopFlag()
+    etl.copy(source=src, target=dst, table="ev", state=state, chunk_size=300, stop=flag,
+             progress=StopAfter(flag, 2))
+    assert scalar(dst, "SELECT count(*) FROM ev") == 600
+    execute(state, """UPDATE etl.checkpoints SET last_key = '[300]', chunk_index = 1,
+                      processed = 300, succeeded = 300""")
+    result = etl.copy(source=src, target=dst, table="ev", state=state, chunk_size=70)
+    assert result.status is etl.Status.COMPLETED
+    assert fingerprint(dst, "ev") == fingerprint(src, "ev")
+
+
 def test_second_run_of_same_job_is_locked(src: str, dst: str) -> None:
     _events(src, 10)
     from etl.state import lock

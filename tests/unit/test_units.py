@@ -76,6 +76,29 @@ def test_classification_by_sqlstate() -> None:
     assert classify(UsageError("x")) is Category.FATAL
 
 
+@pytest.mark.parametrize("errno,sqlstate,category", [
+    (1205, "HY000", Category.TRANSIENT),   # lock wait timeout: HY000 says nothing
+    (1290, "HY000", Category.TRANSIENT),   # read-only server after a failover
+    (1927, "70100", Category.TRANSIENT),   # connection killed (MariaDB)
+    (1213, "40001", Category.TRANSIENT),   # deadlock
+    (1366, "22007", Category.DATA),        # incorrect value
+    (1265, "01000", Category.DATA),        # data truncated (an invalid enum label in strict mode)
+    (1062, "23000", Category.DATA),        # duplicate entry
+    (1146, "42S02", Category.FATAL),       # no such table
+    (1045, "28000", Category.FATAL),       # access denied
+])
+def test_mysql_errors_by_number_before_sqlstate(errno: int, sqlstate: str,
+                                                category: Category) -> None:
+    """pymysql passes the server's SQLSTATE along; MySQL's numbers still decide."""
+    import pymysql.err
+    import sqlalchemy.exc
+
+    exc = pymysql.err.OperationalError(errno, "message", sqlstate=sqlstate)  # type: ignore[call-arg]
+    assert classify(exc) is category
+    wrapped = sqlalchemy.exc.OperationalError("stmt", {}, exc)
+    assert classify(wrapped) is category
+
+
 def test_auto_chunk_size_adapts_toward_target_seconds() -> None:
     sizer = ChunkSizer(Pacing(chunk_seconds=2.0))
     assert sizer.next_size() == AUTO_FIRST_CHUNK
