@@ -194,14 +194,19 @@ def _copy_many(tables: list[str], options: dict[str, Any]) -> Result:
             raise UsageError(f"--{name.replace('_', '-')} names one table's copy; it cannot be "
                              "used with several tables (run one copy per table)")
     src = resolve_url(options["source"])
-    with pg.connect(src, "source", autocommit=True) as conn:
-        names = (multi.all_tables(conn, options["state_schema"]) if options["all_tables"]
-                 else [TableName.parse(t) for t in tables])
-        names = multi.excluding(names, opt.parse_names(options["exclude"], "--exclude") or ())
-        if not names:
-            raise UsageError("no table to copy: --all-tables found none (or --exclude "
-                             "removed them all)")
-        ordered = multi.parents_first(conn, names)
+    excluded = opt.parse_names(options["exclude"], "--exclude") or ()
+    if src.is_postgres:
+        with pg.connect(src, "source", autocommit=True) as conn:
+            names = (multi.all_tables(conn, options["state_schema"]) if options["all_tables"]
+                     else [TableName.parse(t) for t in tables])
+            names = multi.excluding(names, excluded)
+            ordered = multi.parents_first(conn, names) if names else []
+    else:  # MySQL/MariaDB, SQLite: tables and foreign keys by SQLAlchemy reflection
+        _, ordered = multi.sqla_tables(src.raw, None if options["all_tables"] else tables)
+        ordered = multi.excluding(ordered, excluded)
+    if not ordered:
+        raise UsageError("no table to copy: --all-tables found none (or --exclude "
+                         "removed them all)")
     stop = options["stop"] if options["stop"] is not None else StopFlag()
     deadline = None
     if options["max_runtime"] is not None:
@@ -213,7 +218,8 @@ def _copy_many(tables: list[str], options: dict[str, Any]) -> Result:
 
     def copy_one(t: TableName) -> Result:
         left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-        return copy(**{**options, "table": str(t), "all_tables": False, "exclude": None,
+        name = str(t) if src.is_postgres else t.name  # the others: the URL's database
+        return copy(**{**options, "table": name, "all_tables": False, "exclude": None,
                        "report": None, "stop": stop, "max_runtime": left,
                        "source": src})
 

@@ -62,13 +62,41 @@ def excluding(tables: Iterable[TableName], patterns: Iterable[str]) -> list[Tabl
 
 def parents_first(conn: psycopg.Connection, tables: list[TableName]) -> list[TableName]:
     """``tables`` ordered so that each comes after the tables its foreign keys point to."""
+    edges = [(TableName(cs, ct), TableName(ps, pt))
+             for cs, ct, ps, pt in conn.execute(_FOREIGN_KEYS_SQL)]
+    conn.rollback()
+    return _ordered(tables, edges)
+
+
+def sqla_tables(url: str, names: list[str] | None) -> tuple[list[TableName], list[TableName]]:
+    """(tables, parents-first order) of a MySQL/MariaDB or SQLite source, by reflection:
+    ``names`` or, when None, every table of the URL's database."""
+    import sqlalchemy as sa
+
+    from .dialects import make_engine
+
+    engine = make_engine(url)
+    try:
+        insp = sa.inspect(engine)
+        schema = insp.default_schema_name or "main"
+        existing = insp.get_table_names()
+        chosen = [TableName(schema, n) for n in (existing if names is None else names)]
+        edges = [(TableName(schema, t.name), TableName(schema, fk["referred_table"]))
+                 for t in chosen if t.name in existing
+                 for fk in insp.get_foreign_keys(t.name)]
+    finally:
+        engine.dispose()
+    return chosen, _ordered(chosen, edges)
+
+
+def _ordered(tables: list[TableName], edges: list[tuple[TableName, TableName]]
+             ) -> list[TableName]:
+    """Parents before children (``edges`` are child → parent), else the given order."""
     chosen = set(tables)
     graph: dict[TableName, set[TableName]] = {t: set() for t in tables}
-    for cs, ct, ps, pt in conn.execute(_FOREIGN_KEYS_SQL):
-        child, parent = TableName(cs, ct), TableName(ps, pt)
-        if child in chosen and parent in chosen:
+    for child, parent in edges:
+        if child in chosen and parent in chosen and child != parent:
             graph[child].add(parent)
-    conn.rollback()
     sorter = graphlib.TopologicalSorter(graph)
     try:
         order = list(sorter.static_order())

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import pg
+from . import pg, run_result
 from .ddl import create_table_sql
 from .dialects import Family, PortableColumn, TableSchema, family, make_engine, reflect_table
 from .errors import ConnectionLostError, EtlError, SourceError, TargetError, UsageError
@@ -50,7 +50,6 @@ from .sql_copy_io import (
     row_bytes,
 )
 from .state.store import insert_dead_letters, read_checkpoint, write_checkpoint
-from .table_copy import _add, _fail, _fill_counts, _summary_line
 from .thresholds import ErrorLimits
 from .urls import DbUrl, parse
 
@@ -67,7 +66,8 @@ EXACT_COUNT_ROWS = 500_000
 # Serialises the creation of PostgreSQL target tables by concurrent etl processes (as etl.table_copy).
 _TARGET_DDL_LOCK_ID = 0x6574_6C5F_6464_6C
 # Options of `etl copy` this path does not take yet, and how to say so.
-_UNSUPPORTED = {"query": "--query", "transform": "--transform", "since_column": "--since-column"}
+_UNSUPPORTED = {"query": "--query", "transform": "--transform", "since_column": "--since-column",
+                "rename_columns": "--rename-columns"}
 
 
 @dataclass(frozen=True)
@@ -593,7 +593,7 @@ class SqlCopyStep:
                 last_key_json=key_json, processed=cp.processed + len(rows),
                 succeeded=cp.succeeded + written.rows - written.not_kept,
                 failed=cp.failed + len(letters), skipped=cp.skipped + written.not_kept,
-                outcomes=_add(cp.outcomes, outcomes), bytes=cp.bytes + nbytes,
+                outcomes=run_result.add_counts(cp.outcomes, outcomes), bytes=cp.bytes + nbytes,
                 checksum=hashlib.blake2b(keys, digest_size=16).hexdigest(),
                 run_id=self.run.run_id, updated_at=utc_now())
             last_error = letters[-1]["error_message"] if letters else None
@@ -761,9 +761,9 @@ def execute(plan: SqlCopyPlan, run: JobRun, dbs: Databases, *, progress: Progres
         result.status = Status.STOPPED
         result.message = "interrupted; the chunk in flight was rolled back — rerun to resume"
     except EtlError as exc:
-        _fail(result, exc, str(exc))
+        run_result.fail(result, exc, str(exc))
     except Exception as exc:  # driver errors: one line, masked
-        _fail(result, exc, describe_error(exc, spec.target))
+        run_result.fail(result, exc, describe_error(exc, spec.target))
     finally:
         if latest:
             cp = latest[0]
@@ -773,7 +773,7 @@ def execute(plan: SqlCopyPlan, run: JobRun, dbs: Databases, *, progress: Progres
             result.metadata["zero_dates"] = step.source.zero_dates
             step.close()
     if cp is not None:
-        _fill_counts(result, cp)
+        run_result.fill_counts(result, cp)
     result.metadata["retry_attempts"] = retries.total
     result.metadata["retries_by_reason"] = dict(retries.by_reason)
     result.duration_seconds = time.monotonic() - t0
@@ -784,7 +784,7 @@ def execute(plan: SqlCopyPlan, run: JobRun, dbs: Databases, *, progress: Progres
     except Exception as exc:  # the state store may be unreachable; the report still returns
         log.warning("could not store the report of run %s: %s", run.run_id,
                     pg.describe_error(exc, spec.state))
-    progress.finish(_summary_line(result))
+    progress.finish(run_result.summary_line(result))
     return result
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import catalog, incremental, naming, pg, transforms
+from . import catalog, incremental, naming, pg, run_result, transforms
 from .errors import EtlError, TargetError, UsageError, sqlstate_of
 from .isolate import BadRange, is_data_error, isolate
 from .model import Category, Checkpoint, Column, Mode, Status, TableName
@@ -454,7 +454,7 @@ class CopyStep:
                     succeeded=cp.succeeded + written.rows - written.not_kept,
                     failed=cp.failed + failed,
                     skipped=cp.skipped + written.not_kept + written.dropped,
-                    outcomes=_add(cp.outcomes, written.outcomes),
+                    outcomes=run_result.add_counts(cp.outcomes, written.outcomes),
                     bytes=cp.bytes + written.bytes, checksum=written.checksum,
                     run_id=self.run.run_id, updated_at=utc_now())
                 spec.limits.check(new.failed, new.processed, written.last_error)
@@ -775,15 +775,15 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
         result.status = Status.STOPPED
         result.message = "interrupted; the chunk in flight was rolled back — rerun to resume"
     except EtlError as exc:
-        _fail(result, exc, str(exc))
+        run_result.fail(result, exc, str(exc))
     except Exception as exc:  # driver errors: one line, masked, with SQLSTATE
-        _fail(result, exc, pg.describe_error(exc, spec.target))
+        run_result.fail(result, exc, pg.describe_error(exc, spec.target))
     finally:
         if step is not None:
             cp = latest[0]
             step.close()
     if cp is not None:
-        _fill_counts(result, cp)
+        run_result.fill_counts(result, cp)
     result.metadata["retry_attempts"] = retries.total
     result.metadata["retries_by_reason"] = dict(retries.by_reason)
     result.duration_seconds = time.monotonic() - t0
@@ -794,7 +794,7 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
     except Exception as exc:  # the state store may be unreachable; the report still returns
         log.warning("could not store the report of run %s: %s", run.run_id,
                     pg.describe_error(exc, spec.state))
-    progress.finish(_summary_line(result))
+    progress.finish(run_result.summary_line(result))
     return result
 
 
@@ -816,35 +816,3 @@ def _advance_sequences(tconn: psycopg.Connection, spec: CopySpec, result: Result
     if moved:
         log.info("sequences of %s set past the copied values: %s", spec.target_table, moved)
         result.metadata["sequences"] = moved
-
-
-def _fail(result: Result, exc: BaseException, message: str) -> None:
-    from .errors import classify
-
-    result.status = Status.FAILED
-    result.message = message
-    result.add_error(RowError(item_identifier="", error_type=type(exc).__name__,
-                              category=classify(exc).value, error_message=message))
-
-
-def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
-
-
-def _fill_counts(result: Result, cp: Checkpoint) -> None:
-    result.processed, result.succeeded = cp.processed, cp.succeeded
-    result.failed, result.skipped = cp.failed, cp.skipped
-    if cp.outcomes:
-        result.metadata["outcomes"] = dict(sorted(cp.outcomes.items()))
-    result.total_items = max(result.total_items, cp.processed)
-    result.metadata["num_chunks"] = cp.chunk_index
-    result.metadata["bytes"] = cp.bytes
-    result.last_checkpoint = {"chunk_index": cp.chunk_index, "last_key": cp.last_key_json,
-                              "processed_count": cp.processed, "checksum": cp.checksum,
-                              "timestamp": cp.updated_at}
-
-
-def _summary_line(result: Result) -> str:
-    text = (f"{result.status.value}: {result.succeeded:,} rows copied in "
-            f"{result.duration_seconds:.1f}s ({result.rows_this_run:,} this run)")
-    return f"{text} — {result.message}" if result.message else text

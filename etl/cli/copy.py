@@ -53,16 +53,21 @@ from .common import job_options, render
               help="Create a missing target table from the source's definition.")
 @job_options
 def copy(**kw: object) -> None:
-    """Copy a table between PostgreSQL databases in resumable keyset chunks.
+    """Copy tables (or a query's result) between PostgreSQL, MariaDB/MySQL and SQLite
+    in resumable keyset chunks.
 
-    Rows move in PostgreSQL's binary COPY format, one chunk per transaction,
-    and the job's checkpoint is written in that same transaction. Run the same
-    command again to resume after a crash, SIGTERM or --max-runtime.
+    One chunk per target transaction; on a PostgreSQL target the job's checkpoint
+    is written in that same transaction (PostgreSQL to PostgreSQL moves binary
+    COPY data without decoding it). Run the same command again to resume after a
+    crash, SIGTERM or --max-runtime. Modes make reruns safe: upsert updates
+    changed rows, ignore keeps existing ones.
 
     \b
-    Example:
+    Examples:
       etl copy --source postgresql://app@db1/prod --target postgresql://app@db2/copy \\
                --table public.events --chunk-size 50000
+      etl copy --source mysql://root@127.0.0.1/shop --target postgresql://127.0.0.1/dw \\
+               --all-tables --rename-columns snake_case --mode upsert
     """
     as_json = bool(kw.pop("as_json"))
     report = kw.pop("report_path")

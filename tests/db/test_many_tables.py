@@ -83,3 +83,22 @@ def test_sequences_are_set_past_the_copied_keys(src: str, dst: str) -> None:
     # notes was created with an identity; tags kept its own sequence; both now go on after
     assert scalar(dst, "INSERT INTO notes (body) VALUES ('new') RETURNING id") == 501
     assert scalar(dst, "INSERT INTO tags (name) VALUES ('new') RETURNING id") == 71
+
+
+def test_all_tables_of_a_sqlite_source_parents_first(dst: str, tmp_path) -> None:
+    import shutil
+    import sqlite3
+
+    db = tmp_path / "chinook.sqlite"
+    shutil.copy(Path(__file__).resolve().parents[2] / "fixtures" / "chinook" /
+                "Chinook_Sqlite.sqlite", db)
+    result = etl.copy(source=f"sqlite:///{db}", target=dst, all_tables=True,
+                      exclude=["Playlist*", "Invoice*", "Customer", "Employee"])
+    assert result.status is etl.Status.COMPLETED, result.message
+    order = [t["job_id"].split(".")[-1] for t in result.to_dict()["metadata"]["tables"]]
+    assert sorted(order) == ["Album", "Artist", "Genre", "MediaType", "Track"]
+    assert order.index("Artist") < order.index("Album") < order.index("Track")
+    assert order.index("Genre") < order.index("Track") > order.index("MediaType")
+    with sqlite3.connect(db) as conn:
+        expected = conn.execute('SELECT count(*) FROM "Track"').fetchone()[0]
+    assert scalar(dst, 'SELECT count(*) FROM "Track"') == expected

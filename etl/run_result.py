@@ -1,0 +1,41 @@
+"""Filling a copy's Result from its checkpoint: shared by every copy path."""
+
+from __future__ import annotations
+
+from .errors import classify
+from .model import Checkpoint, Status
+from .report import Result, RowError
+
+
+def fail(result: Result, exc: BaseException, message: str) -> None:
+    """The run failed with ``exc``: status, one-line message and the error entry."""
+    result.status = Status.FAILED
+    result.message = message
+    result.add_error(RowError(item_identifier="", error_type=type(exc).__name__,
+                              category=classify(exc).value, error_message=message))
+
+
+def add_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Outcome counts added key by key (inserted, updated, …)."""
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+
+
+def fill_counts(result: Result, cp: Checkpoint) -> None:
+    """The job's totals, outcomes and last checkpoint, as the report shows them."""
+    result.processed, result.succeeded = cp.processed, cp.succeeded
+    result.failed, result.skipped = cp.failed, cp.skipped
+    if cp.outcomes:
+        result.metadata["outcomes"] = dict(sorted(cp.outcomes.items()))
+    result.total_items = max(result.total_items, cp.processed)
+    result.metadata["num_chunks"] = cp.chunk_index
+    result.metadata["bytes"] = cp.bytes
+    result.last_checkpoint = {"chunk_index": cp.chunk_index, "last_key": cp.last_key_json,
+                              "processed_count": cp.processed, "checksum": cp.checksum,
+                              "timestamp": cp.updated_at}
+
+
+def summary_line(result: Result) -> str:
+    """The line progress ends with."""
+    text = (f"{result.status.value}: {result.succeeded:,} rows copied in "
+            f"{result.duration_seconds:.1f}s ({result.rows_this_run:,} this run)")
+    return f"{text} — {result.message}" if result.message else text
