@@ -17,7 +17,7 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import etl
 from etl.errors import TargetError, UsageError
 from etl.runner import StopFlag
 from fixtures.seed import load_chinook
-from tests.conftest import ROOT, etl_cmd, run_etl
+from tests.conftest import run_etl
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -102,24 +102,6 @@ def state(make_db: Callable[[str], str]) -> str:
 @pytest.fixture
 def lite(tmp_path: Path) -> Callable[[str], str]:
     return lambda name: f"sqlite:///{tmp_path / f'{name}.sqlite'}"
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """Start `python -m etl …`; anything still alive at teardown is killed."""
-    started: list[subprocess.Popen[str]] = []
-
-    def start(*args: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(etl_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=ROOT)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
 
 
 @pytest.fixture
