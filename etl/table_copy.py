@@ -42,7 +42,7 @@ DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
 # After a data error, chunks are written as COPY statements of this many rows, each in a
 # savepoint of the chunk's transaction: a failed statement wastes at most this much work,
 # and a statement boundary costs a round trip where a smaller chunk would cost a commit.
-PIECE_ROWS_AFTER_DATA_ERRORS = 25_000
+PIECE_ROWS_AFTER_DATA_ERRORS = 10_000
 
 # Serialises the creation of target tables, schemas and types by concurrent etl processes.
 _TARGET_DDL_LOCK_ID = 0x6574_6C5F_6464_6C  # "etl_ddl"
