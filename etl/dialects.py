@@ -308,6 +308,18 @@ def placeholder(dialect: Dialect) -> str:
     return "?" if dialect.paramstyle == "qmark" else "%s"
 
 
+def keys_in(dialect: Dialect, columns: Sequence[str], count: int) -> str:
+    """``key IN (…)`` for ``count`` keys of ``columns``, in the driver's paramstyle; a
+    composite key as row values (SQLite compares row values only against VALUES)."""
+    mark = placeholder(dialect)
+    cols = [quote(dialect, c) for c in columns]
+    if len(cols) == 1:
+        return f"{cols[0]} IN ({', '.join([mark] * count)})"
+    values = ", ".join([f"({', '.join([mark] * len(cols))})"] * count)
+    rhs = f"(VALUES {values})" if family(dialect) == "sqlite" else f"({values})"
+    return f"({', '.join(cols)}) IN {rhs}"
+
+
 def write_sql(dialect: Dialect, table: str, columns: Sequence[str], *, mode: Mode,
               key: Sequence[str] = (), schema: str | None = None) -> str:
     """The INSERT for one row (used with executemany) in ``mode``, in the driver's paramstyle.

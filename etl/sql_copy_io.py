@@ -22,7 +22,14 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from . import pg
-from .dialects import Family, Kind, PortableColumn, TableSchema, placeholder, qualified, quote
+from .dialects import (
+    Family,
+    Kind,
+    PortableColumn,
+    TableSchema,
+    keys_in,
+    qualified,
+)
 from .errors import EtlError, sqlstate_of
 from .model import Category, Mode, TableName
 from .sinks.sql import SqlSink, SqlWriteStats
@@ -361,21 +368,13 @@ class SqlaTarget:
     def delete_keys(self, rows: Sequence[tuple[Any, ...]]) -> int:
         """Delete the target rows whose key is one of ``rows``' keys; how many went."""
         dialect = self.conn.dialect
-        mark = placeholder(dialect)
-        cols = [quote(dialect, k) for k in self.key]
         target = qualified(dialect, self.table.name, self.table.schema)
         keys = [tuple(a[i] for i in self._key_index) for a in map(self.sink.adapt, rows)]
-        per = max(1, KEYS_PER_DELETE // len(cols))
+        per = max(1, KEYS_PER_DELETE // len(self.key))
         deleted = 0
         for start in range(0, len(keys), per):
             batch = keys[start:start + per]
-            if len(cols) == 1:
-                cond = f"{cols[0]} IN ({', '.join([mark] * len(batch))})"
-            else:
-                one = f"({', '.join([mark] * len(cols))})"
-                values = ", ".join([one] * len(batch))
-                rhs = f"(VALUES {values})" if self.family == "sqlite" else f"({values})"
-                cond = f"({', '.join(cols)}) IN {rhs}"
+            cond = keys_in(dialect, self.key, len(batch))
             params = tuple(v for k in batch for v in k)
             deleted += self.conn.exec_driver_sql(f"DELETE FROM {target} WHERE {cond}",
                                                  params).rowcount

@@ -37,10 +37,9 @@ from ..dialects import (
     Kind,
     TableSchema,
     family,
-    placeholder,
+    keys_in,
     prepare_session,
     qualified,
-    quote,
     write_sql,
 )
 from ..errors import UsageError
@@ -160,21 +159,12 @@ class SqlSink:
 
     def _count_existing(self, rows: list[tuple[Any, ...]]) -> int:
         dialect = self.conn.dialect
-        mark = placeholder(dialect)
-        keys = [quote(dialect, k) for k in self.key]
         target = qualified(dialect, self.table.name, self.table.schema)
-        per_query = max(1, EXISTING_KEYS_PER_QUERY // len(keys))
+        per_query = max(1, EXISTING_KEYS_PER_QUERY // len(self.key))
         total = 0
         for start in range(0, len(rows), per_query):
             batch = rows[start:start + per_query]
-            if len(keys) == 1:
-                cond = f"{keys[0]} IN ({', '.join([mark] * len(batch))})"
-            else:
-                one = f"({', '.join([mark] * len(keys))})"
-                values = ", ".join([one] * len(batch))
-                # SQLite compares row values with IN only against a subquery
-                rhs = f"(VALUES {values})" if self.family == "sqlite" else f"({values})"
-                cond = f"({', '.join(keys)}) IN {rhs}"
+            cond = keys_in(dialect, self.key, len(batch))
             params = tuple(r[i] for r in batch for i in self._key_index)
             result = self.conn.exec_driver_sql(f"SELECT count(*) FROM {target} WHERE {cond}",
                                                params)
