@@ -202,14 +202,20 @@ def _mysql_adapter(kind: Kind) -> Adapter:
     def adapt(v: Any) -> Any:
         if isinstance(v, dt.datetime):
             return _utc_naive(v)  # timestamptz is stored in UTC (the session's zone)
-        if isinstance(v, uuid.UUID):
-            return str(v)
-        if isinstance(v, (dict, list, tuple)):
-            return _json_dumps(v)
-        if isinstance(v, (bytearray, memoryview)):
-            return bytes(v)
-        return v
+        return _portable(v)
     return adapt
+
+
+def _portable(v: Any) -> Any:
+    """What both drivers store the same way: UUIDs as text, JSON values as JSON text,
+    byte views as bytes; anything else as it is."""
+    if isinstance(v, uuid.UUID):
+        return str(v)
+    if isinstance(v, (dict, list, tuple)):
+        return _json_dumps(v)
+    if isinstance(v, (bytearray, memoryview)):
+        return bytes(v)
+    return v
 
 
 def _sqlite_text(v: Any, kind: Kind) -> Any:
@@ -226,13 +232,7 @@ def _sqlite_text(v: Any, kind: Kind) -> Any:
         return v.isoformat()
     if isinstance(v, dt.timedelta):
         return _mysql_time_text(v)
-    if isinstance(v, uuid.UUID):
-        return str(v)
-    if isinstance(v, (dict, list, tuple)):
-        return _json_dumps(v)
-    if isinstance(v, (bytearray, memoryview)):
-        return bytes(v)
-    return v  # bool and float are stored by sqlite3 as they are
+    return _portable(v)  # bool and float are stored by sqlite3 as they are
 
 
 def _sqlite_adapter(kind: Kind) -> Adapter:
