@@ -21,6 +21,7 @@ from . import catalog, incremental, naming, pg, run_result, transforms
 from .errors import EtlError, TargetError, UsageError, sqlstate_of
 from .isolate import BadRange, is_data_error, isolate
 from .model import Category, Checkpoint, Column, Mode, Status, TableName
+from .piecewise import PiecewiseWriter
 from .report import Result, RowError, utc_now
 from .retry import RetryPolicy, RetryStats
 from .runner import Pacing, StepOutcome, StopFlag, run_loop
@@ -396,6 +397,7 @@ class CopyStep:
         self.run = run
         self.replay_guard = replay_guard
         self.piece_rows: int | None = None  # set once the run meets a data error
+        self._piecewise: PiecewiseWriter | None = None
         self._frame_sinks: dict[tuple[str, ...], PgCopySink | PgMergeSink] = {}
         # upsert/ignore read each chunk in key order: of rows sharing a target key, the
         # last in key order wins
@@ -429,6 +431,8 @@ class CopyStep:
         self.run.ensure_connected()
 
     def close(self) -> None:
+        if self._piecewise is not None:
+            self._piecewise.close()
         for conn in (self.source.conn, self.tconn):
             conn.close()
 
@@ -518,6 +522,10 @@ class CopyStep:
         """Write in a savepoint: a failure undoes this piece only."""
         with self.tconn.transaction():
             stats = write(data)
+        return self._count_piece(stats, out, digest)
+
+    @staticmethod
+    def _count_piece(stats: WriteStats, out: _Written, digest: Any) -> int:
         for name, n in (stats.outcomes or {}).items():
             out.outcomes[name] = out.outcomes.get(name, 0) + n
         out.bytes += stats.bytes
@@ -526,45 +534,50 @@ class CopyStep:
 
     def _write_pieces(self, lower: Bound | None, upper: Bound, cp: Checkpoint, out: _Written,
                       digest: Any) -> None:
-        assert self.piece_rows is not None
-        size = self.piece_rows
+        """The chunk as COPY statements of ``piece_rows`` rows (etl.piecewise); a refused
+        piece is isolated in memory, and each bad row's key is read from its own bytes."""
         spec = self.plan.spec
-        done = 0
-        bad: list[tuple[int, BaseException]] = []  # 1-based position in the chunk, error
+        bad: list[tuple[bytes, BaseException]] = []  # the row's COPY data, error
+
+        def written(piece: Piece, stats: WriteStats) -> None:
+            out.rows += self._count_piece(stats, out, digest)
+
+        def refused(piece: Piece, offset: int, exc: BaseException) -> None:
+            def give_up(n_bad: int, error: BaseException) -> None:
+                spec.limits.check(cp.failed + len(bad) + n_bad, cp.processed + offset + len(piece),
+                                  pg.describe_error(error, spec.target))
+
+            def write_slice(a: int | None, b: int) -> int:
+                return self._commit_piece(self.sink.write_rows, piece.rows(a or 0, b), out, digest)
+
+            found = isolate(0, len(piece), len(piece), exc, write=write_slice,
+                            split=lambda a, n: (a or 0) + n, count=None,
+                            give_up=give_up, locate=pg.copy_error_line)
+            out.rows += found.good_rows
+            bad.extend((piece.rows(b.hi - 1, b.hi), b.error) for b in found.bad)
+
         with self.source.row_stream(lower.text if lower else None, upper) as stream:
-            while not stream.done:
-                piece = Piece()
-                blocks = stream.piece(size, piece)
-                try:
-                    out.rows += self._commit_piece(self.sink.write, blocks, out, digest)
-                except Exception as exc:
-                    if not is_data_error(exc):
-                        raise
-                    for _ in blocks:  # the error may have cut the write short: read the rest
-                        pass
-                    offset = done
+            self._pieces().write(stream, on_written=written, on_refused=refused)
+        # the source stream is finished: now its connection can look up the bad rows
+        keys = self.source.keys_of_rows([row for row, _ in bad])
+        originals = self.source.rows_by_key(keys)
+        names = [k.name for k in self.plan.key]
+        for (_, error), key, row in zip(bad, keys, originals, strict=True):
+            out.letters.append({
+                "job_id": spec.job_id, "run_id": self.run.run_id,
+                "item_key": [(row or {}).get(n, v) for n, v in zip(names, key, strict=True)],
+                "row_data": row, "error_type": type(error).__name__,
+                "sqlstate": sqlstate_of(error), "category": Category.DATA.value,
+                "error_message": pg.describe_error(error, spec.target), "attempts": 1})
+            out.last_error = out.letters[-1]["error_message"]
 
-                    def give_up(n_bad: int, error: BaseException, offset: int = offset) -> None:
-                        spec.limits.check(cp.failed + len(bad) + n_bad,
-                                          cp.processed + offset + size,
-                                          pg.describe_error(error, spec.target))
-
-                    def write_slice(a: int | None, b: int, piece: Piece = piece) -> int:
-                        return self._commit_piece(self.sink.write_rows, piece.rows(a or 0, b),
-                                                  out, digest)
-
-                    found = isolate(0, len(piece), len(piece), exc, write=write_slice,
-                                    split=lambda a, n: (a or 0) + n, count=None,
-                                    give_up=give_up, locate=pg.copy_error_line)
-                    out.rows += found.good_rows
-                    bad.extend((offset + b.hi, b.error) for b in found.bad)
-                done += len(piece)
-        # the source stream is finished: now its connection can look up the bad rows' keys
-        for position, error in bad:
-            before = self.source.next_bound(lower.text if lower else None, position - 1) \
-                if position > 1 else lower
-            at = self._split(lower, position)
-            out.bad.append(BadRange(before, at, error))
+    def _pieces(self) -> PiecewiseWriter:
+        assert self.piece_rows is not None
+        if self._piecewise is None or self._piecewise.conn is not self.tconn:
+            if self._piecewise is not None:
+                self._piecewise.close()
+            self._piecewise = PiecewiseWriter(self.tconn, self.sink.start, self.piece_rows)
+        return self._piecewise
 
     def _write_transformed(self, lower: Bound | None, upper: Bound, cp: Checkpoint) -> _Written:
         """Decode the chunk, run the transform, write its result as CSV COPY in a savepoint;

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..model import Column, Mode, TableName
 from ..sources.pg import BINARY_HEADER, BINARY_TRAILER
-from .pg_copy import PgCopySink, WriteStats
+from .pg_copy import CopyStatement, PgCopySink, WriteStats
 
 if TYPE_CHECKING:
     import psycopg
@@ -100,9 +100,19 @@ class PgMergeSink:
         with self.conn.transaction():
             self.conn.execute(self._create)
 
+    def start(self) -> MergeStatement:
+        """Open one staging COPY: write blocks to it; ``finish()`` merges them."""
+        return MergeStatement(self, self._stage_copy.start())
+
     def write(self, blocks: Iterable[bytes]) -> WriteStats:
         """Stage COPY data blocks and merge them; the stats carry what each row did."""
-        stats = self._stage_copy.write(blocks)
+        statement = self.start()
+        for block in blocks:
+            statement.write(block)
+        return statement.finish()
+
+    def merge(self, stats: WriteStats) -> WriteStats:
+        """Merge what the staging COPY (``stats``) holds into the target, then empty it."""
         row = self.conn.execute(self._merge).fetchone()
         self.conn.execute(self._empty)
         assert row is not None
@@ -121,3 +131,20 @@ class PgMergeSink:
         """Rows cut from a source's COPY data: staged with their framing, then merged."""
         framed = BINARY_HEADER + rows + BINARY_TRAILER if self.binary else rows
         return self.write([framed])
+
+
+class MergeStatement:
+    """A staging COPY whose ``finish()`` also merges the staged rows (see CopyStatement)."""
+
+    def __init__(self, sink: PgMergeSink, stage: CopyStatement) -> None:
+        self._sink = sink
+        self._stage = stage
+
+    def write(self, block: bytes) -> None:
+        self._stage.write(block)
+
+    def abort(self, exc: BaseException) -> None:
+        self._stage.abort(exc)
+
+    def finish(self) -> WriteStats:
+        return self._sink.merge(self._stage.finish())

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 # Rows are handed to the target in blocks of about this size (fewer, larger writes).
 COPY_BLOCK_BYTES = 256 * 1024
+# While a statement ends, rows are read ahead; whether it has ended is asked this often.
+UNTIL_EVERY_ROWS = 32
 
 # Binary COPY framing: an 11-byte signature, 32-bit flags and a 32-bit header extension
 # length before the first row; a field count of -1 after the last.
@@ -194,6 +196,7 @@ class PgKeysetSource:
         self.query = query
         self.binary = binary
         self.ordered = ordered  # chunks streamed in key order (else in the scan's order)
+        self._oids: list[int] | None = None
         conn.isolation_level = pg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
 
@@ -227,9 +230,9 @@ class PgKeysetSource:
 
     @contextmanager
     def row_stream(self, after: tuple[str, ...] | None, upto: Bound) -> Iterator[RowStream]:
-        """The chunk's rows in key order, to be written in pieces (see RowStream)."""
+        """The chunk's rows (in key order if ``ordered``), to be written in pieces (RowStream)."""
         with self.conn.cursor() as cur, cur.copy(
-            self.query.copy_out_sql(after is not None, self.binary, ordered=True),
+            self.query.copy_out_sql(after is not None, self.binary, ordered=self.ordered),
             self.query.params(after, upto.text),
         ) as copy:
             yield RowStream(copy.read, self.binary)
@@ -270,6 +273,34 @@ class PgKeysetSource:
             found[n] = row
         return found
 
+    def keys_of_rows(self, rows: list[bytes]) -> list[tuple[str, ...]]:
+        """The key (text form of each key column) of each COPY row given, read from the row's
+        own bytes; binary values are turned into text by the source server."""
+        from ..copy_rows import binary_fields, text_fields
+
+        names = [c.name for c in self.query.columns]
+        wanted = [names.index(k.name) for k in self.query.key]
+        if not self.binary:
+            return [tuple(v or "" for v in text_fields(row, wanted)) for row in rows]
+        oids = self._key_oids()
+        select = ("SELECT " + ", ".join(f"${i + 1}::text" for i in range(len(oids)))).encode()
+        out = []
+        for row in rows:
+            values = binary_fields(row, wanted)
+            result = self.conn.pgconn.exec_params(select, values, oids, [1] * len(oids))
+            if result.status != 2:  # TUPLES_OK
+                message = (result.error_message or b"").decode(errors="replace").strip()
+                raise RuntimeError(f"could not read the key of a refused row: {message}")
+            out.append(tuple((result.get_value(0, i) or b"").decode() for i in range(len(oids))))
+        return out
+
+    def _key_oids(self) -> list[int]:
+        if self._oids is None:
+            self._oids = [int(self.conn.execute("SELECT %s::regtype::oid", (k.type_sql,)
+                                                ).fetchone()[0])  # type: ignore[index]
+                          for k in self.query.key]
+        return self._oids
+
     def count_range(self, after: Bound | None, upto: Bound) -> int:
         lower = after.text if after else None
         row = self.conn.execute(self.query.count_range_sql(after is not None),
@@ -294,33 +325,70 @@ class RowStream:
         self._read = read
         self.binary = binary
         self.done = False
-        self._first = binary
+        self._header = binary  # the binary header arrives before (or with) the first row
 
-    def piece(self, size: int, kept: Piece) -> Iterator[bytes]:
-        """COPY data blocks of the next ``size`` rows; the rows are also kept in ``kept``."""
-        data, ends = kept.data, kept.ends
+    def fill(self, kept: Piece, size: int, until: Callable[[], bool]) -> None:
+        """Read rows into ``kept`` (nothing is written) until it holds ``size`` rows, the
+        chunk ends, or ``until()`` is true (asked every ``UNTIL_EVERY_ROWS`` rows)."""
+        self._take(kept, size, None, until)
+
+    def stream(self, kept: Piece, size: int, write: Callable[[Any], None]) -> None:
+        """``write`` the rows ``kept`` holds, then read more into it up to ``size`` rows,
+        writing them in blocks of about ``COPY_BLOCK_BYTES``: one whole COPY stream."""
         if self.binary:
-            yield BINARY_HEADER
-        read = self._read
-        sent = 0
-        while len(ends) < size:
+            write(BINARY_HEADER)
+        if kept.data:
+            write(bytes(kept.data))
+        sent = self._take(kept, size, write, None)
+        tail = kept.data[sent:]
+        if self.binary:
+            tail += BINARY_TRAILER
+        write(tail)
+
+    def _take(self, kept: Piece, size: int, write: Callable[[Any], None] | None,
+              until: Callable[[], bool] | None) -> int:
+        """The row loop of fill() and stream(); returns how many bytes of ``kept`` were written."""
+        data, ends = kept.data, kept.ends
+        sent = len(data)
+        if self.done:
+            return sent
+        if self._header and len(ends) < size:
+            self._skip_header(kept)
+        append, read, binary = ends.append, self._read, self.binary
+        n = len(ends)
+        countdown = UNTIL_EVERY_ROWS
+        while n < size:
             row = read()
             if not row:
                 self.done = True
                 break
-            if self._first:  # the binary header arrives with the first row
-                self._first = False
-                row = row[len(BINARY_SIGNATURE) + 8 + int.from_bytes(row[15:19], "big"):]
-                if not row:
-                    continue
-            if len(row) == 2 and self.binary and row == BINARY_TRAILER:
+            if binary and len(row) == 2 and row == BINARY_TRAILER:
                 continue
             data += row
-            ends.append(len(data))
-            if len(data) - sent >= COPY_BLOCK_BYTES:
-                yield bytes(data[sent:])
-                sent = len(data)
-        yield bytes(data[sent:]) + (BINARY_TRAILER if self.binary else b"")
+            n += 1
+            append(len(data))
+            if write is not None:
+                if len(data) - sent >= COPY_BLOCK_BYTES:
+                    write(data[sent:])
+                    sent = len(data)
+            else:
+                countdown -= 1
+                if not countdown:
+                    countdown = UNTIL_EVERY_ROWS
+                    if until is not None and until():
+                        break
+        return sent
+
+    def _skip_header(self, kept: Piece) -> None:
+        self._header = False
+        first = self._read()
+        if not first:
+            self.done = True
+            return
+        row = bytes(first)[len(BINARY_SIGNATURE) + 8 + int.from_bytes(first[15:19], "big"):]
+        if row and row != BINARY_TRAILER:
+            kept.data += row
+            kept.ends.append(len(kept.data))
 
 
 @dataclass

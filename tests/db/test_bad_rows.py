@@ -24,7 +24,18 @@ BAD = {
 }
 
 
-def _tables(src: str, dst: str) -> None:
+# more of each kind, scattered over the rest of the table: a few dozen bad rows in all
+MORE_BAD = {i: state for n, state in enumerate(["23514", "23502", "23505", "23503", "22001",
+                                                "22P02"])
+            for i in (21_017 + 11_111 * k + 97 * n for k in range(4))}
+_MORE_SQL = {
+    "23514": "amount = -1", "23502": "note = NULL", "23505": "code = 'c' || (id - 1)",
+    "23503": "account = 999", "22001": "label = 'far too long for twelve'",
+    "22P02": "mood = 'furious'",
+}
+
+
+def _tables(src: str, dst: str, *, more: bool = False) -> None:
     execute(src, f"""
         CREATE TABLE ev (id int PRIMARY KEY, account int, amount int, note text, code text,
                          label text, mood text);
@@ -37,6 +48,9 @@ def _tables(src: str, dst: str) -> None:
         UPDATE ev SET label = 'far too long for twelve' WHERE id = 50001;
         UPDATE ev SET mood = 'furious' WHERE id = 64000;
     """)
+    if more:
+        execute(src, "; ".join(f"UPDATE ev SET {_MORE_SQL[state]} WHERE id = {i}"
+                               for i, state in MORE_BAD.items()))
     execute(dst, """
         CREATE TYPE mood AS ENUM ('ok', 'sad');
         CREATE TABLE accounts (id int PRIMARY KEY);
@@ -50,27 +64,29 @@ def _tables(src: str, dst: str) -> None:
 @pytest.mark.parametrize("mode", ["append", "upsert"])
 def test_bad_rows_scattered_in_100k_become_dead_letters(src: str, dst: str, mode: str) -> None:
     """The COPY path and the upsert path (staging table + INSERT … ON CONFLICT) alike."""
-    _tables(src, dst)
+    _tables(src, dst, more=True)
+    bad = {**BAD, **MORE_BAD}
+    assert len(bad) == len(BAD) + len(MORE_BAD) == 32
     result = etl.copy(source=src, target=dst, table="ev", max_error_rate=None, mode=mode)
     assert result.status is etl.Status.COMPLETED_WITH_ERRORS and result.exit_code == 3
     doc = result.to_dict()
     s = doc["summary"]
-    assert s["failed"] == len(BAD) and s["succeeded"] == ROWS - len(BAD)
+    assert s["failed"] == len(bad) and s["succeeded"] == ROWS - len(bad)
     assert s["succeeded"] + s["failed"] + s["skipped"] == s["total_items"] == ROWS
-    assert scalar(dst, "SELECT count(*) FROM ev") == ROWS - len(BAD)
-    assert scalar(dst, "SELECT count(*) FROM ev WHERE id = ANY(%s)", (list(BAD),)) == 0
+    assert scalar(dst, "SELECT count(*) FROM ev") == ROWS - len(bad)
+    assert scalar(dst, "SELECT count(*) FROM ev WHERE id = ANY(%s)", (list(bad),)) == 0
     with psycopg.connect(dst) as conn:
         letters = {row[0][0]: row[1:] for row in conn.execute(
             "SELECT item_key, sqlstate, category, error_type, row_data, run_id::text "
             "FROM etl.dead_letters WHERE job_id = 'copy:public.ev'")}
-    assert {k: v[0] for k, v in letters.items()} == BAD
+    assert {k: v[0] for k, v in letters.items()} == bad
     assert all(v[1] == "data" and v[4] == result.run_id for v in letters.values())
     assert letters[1][2] == "CheckViolation"
     assert letters[33_333][3]["account"] == 999  # the original row, as JSON
     assert letters[64_000][3]["mood"] == "furious"
-    assert len(doc["errors"]) == len(BAD)
-    assert sum(doc["error_categories"].values()) == len(BAD)
-    assert doc["error_categories"]["CheckViolation"] == 2
+    assert len(doc["errors"]) == len(bad)
+    assert sum(doc["error_categories"].values()) == len(bad)
+    assert doc["error_categories"]["CheckViolation"] == 2 + 4
 
 
 def test_cli_exit_3_and_report(src: str, dst: str) -> None:
@@ -183,3 +199,37 @@ def test_dlq_list_show_replay_purge(src: str, dst: str) -> None:
 def fingerprint_ids(url: str) -> list[int]:
     with psycopg.connect(url) as conn:
         return [r[0] for r in conn.execute("SELECT id FROM ev ORDER BY id")]
+
+
+@pytest.mark.parametrize("copy_format", ["binary", "text"])
+def test_bad_row_keys_read_from_the_row_itself(src: str, dst: str, copy_format: str) -> None:
+    """After the first bad row, chunks go in pieces and each bad row's key is read from its
+    own COPY bytes (binary values turned into text by the source): composite keys of text
+    with tabs, backslashes and non-ASCII, and of timestamptz, in both COPY formats."""
+    execute(src, """
+        CREATE TABLE k (name text, at timestamptz, v int, note text, PRIMARY KEY (name, at));
+        INSERT INTO k SELECT CASE g % 4 WHEN 0 THEN 'tab' || chr(9) || g WHEN 1 THEN 'b\\s' || g
+                                        WHEN 2 THEN 'Zoë ✓ ' || g ELSE 'plain' || g END,
+                             timestamptz '2024-02-29 23:59:59.123456+00' + g * interval '1 min',
+                             g, 'n' || g
+        FROM generate_series(1, 30000) g;
+        UPDATE k SET v = -v WHERE v % 997 = 0;
+    """)
+    note_type = "text" if copy_format == "binary" else "varchar(40)"  # another type: text COPY
+    execute(dst, f"CREATE TABLE k (name text, at timestamptz, v int CHECK (v > 0), "
+                 f"note {note_type}, PRIMARY KEY (name, at))")
+    result = etl.copy(source=src, target=dst, table="k", chunk_size=4000, max_error_rate=None)
+    assert result.to_dict()["metadata"]["copy_format"] == copy_format
+    expected = scalar(src, "SELECT count(*) FROM k WHERE v < 0")
+    assert expected == 30 and result.failed == expected
+    assert result.succeeded == 30000 - expected
+    with psycopg.connect(src) as conn:
+        bad_keys = sorted(conn.execute(
+            "SELECT jsonb_build_array(name, at) FROM k WHERE v < 0").fetchall())
+    with psycopg.connect(dst) as conn:
+        letters = sorted(conn.execute("SELECT item_key FROM etl.dead_letters").fetchall())
+        rows = conn.execute("SELECT row_data FROM etl.dead_letters").fetchall()
+        good = conn.execute("SELECT count(*), min(v) FROM k").fetchone()
+    assert letters == bad_keys
+    assert all(r[0]["v"] < 0 and r[0]["v"] % 997 == 0 for r in rows)
+    assert good == (30000 - expected, 1)

@@ -86,6 +86,37 @@ def test_killed_connection_mid_run_reconnects_and_finishes(src: str, dst: str, p
         assert "retry 1 of 4" in err and "transient" in err
 
 
+def test_killed_target_while_writing_in_pieces_finishes_exactly(src: str, dst: str,
+                                                                 pg_server: str) -> None:
+    """After the first bad row, chunks go as COPY statements of 10,000 rows whose ends are
+    waited for on a worker thread: a target connection killed then is retried like any
+    other, and no row or dead letter is written twice."""
+    rows = 90_000
+    execute(src, f"CREATE TABLE ev (id bigint PRIMARY KEY, body text, n int); "
+                 f"INSERT INTO ev SELECT g, md5(g::text), CASE WHEN g % 7001 = 0 THEN -g ELSE g END "
+                 f"FROM generate_series(1, {rows}) g")
+    execute(dst, "CREATE TABLE ev (id bigint PRIMARY KEY, body text, n int CHECK (n > 0))")
+    proc = _start(src, dst, "--chunk-size", "25000", "--sleep", "0.3")
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        _wait("the first chunk (with bad rows)", lambda: _done(dst) >= 25_000, proc)
+        _wait("a chunk in flight", lambda: any(
+            state == "active" for _, state, _ in _sessions(admin, proc.pid, "target")), proc)
+        victims = [pid for pid, _, _ in _sessions(admin, proc.pid, "target")]
+        admin.execute("SELECT pg_terminate_backend(%s)", (victims[0],))
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 3, err
+    report = json.loads(out)
+    assert report["metadata"]["retry_attempts"] >= 1
+    bad = [i for i in range(1, rows + 1) if i % 7001 == 0]
+    assert report["summary"]["failed"] == len(bad)
+    assert report["summary"]["succeeded"] == rows - len(bad)
+    with psycopg.connect(dst) as conn:
+        letters = sorted(r[0][0] for r in conn.execute("SELECT item_key FROM etl.dead_letters"))
+        kept = conn.execute("SELECT count(*), count(DISTINCT id), sum(id) FROM ev").fetchone()
+    assert letters == bad
+    assert kept == (rows - len(bad), rows - len(bad), rows * (rows + 1) // 2 - sum(bad))
+
+
 def test_lock_held_by_another_session_is_waited_out(src: str, dst: str) -> None:
     _source(src, 3000)
     execute(dst, "CREATE TABLE ev (id bigint PRIMARY KEY, body text, n numeric(10,2))")
