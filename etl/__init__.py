@@ -24,7 +24,7 @@ from .errors import (
 from .model import Category, Mode, Status
 
 if TYPE_CHECKING:
-    from .api import copy
+    from .api import backfill, copy
     from .dlq import list_dead_letters, purge_dead_letters, replay_dead_letters, show_dead_letter
     from .report import Result
 
@@ -43,6 +43,7 @@ __all__ = [
     "TargetError",
     "UsageError",
     "__version__",
+    "backfill",
     "copy",
     "list_dead_letters",
     "purge_dead_letters",
@@ -52,6 +53,7 @@ __all__ = [
 
 _LAZY = {
     "copy": ("etl.api", "copy"),
+    "backfill": ("etl.api", "backfill"),
     "Result": ("etl.report", "Result"),
     "list_dead_letters": ("etl.dlq", "list_dead_letters"),
     "show_dead_letter": ("etl.dlq", "show_dead_letter"),

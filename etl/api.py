@@ -311,3 +311,107 @@ def report(run_id: str, *, state: str | DbUrl | None = None,
     if doc is None:
         raise _UsageError(f"no run {run_id!r} in the state store; `etl runs` lists the runs")
     return doc
+
+
+def _pacing(chunk_size: int | str | None, chunk_seconds: float, max_rate: float | None,
+            sleep: float | None, max_runtime: str | float | None) -> Pacing:
+    """--chunk-size, --chunk-seconds, --max-rate, --sleep and --max-runtime, checked."""
+    return Pacing(
+        chunk_size=opt.parse_chunk_size(chunk_size),
+        chunk_seconds=opt.positive(chunk_seconds, "--chunk-seconds") or DEFAULT_CHUNK_SECONDS,
+        max_rate=opt.positive(max_rate, "--max-rate"),
+        sleep=opt.non_negative(sleep, "--sleep"),
+        max_runtime=opt.parse_duration(max_runtime, "--max-runtime"),
+    )
+
+
+def _retry_policy(retries: int, retry_max_wait: str | float) -> RetryPolicy:
+    """--retries and --retry-max-wait, checked."""
+    if retries < 0:
+        raise UsageError("--retries must be 0 or more")
+    return RetryPolicy(retries=retries, max_wait=opt.parse_duration(
+        retry_max_wait, "--retry-max-wait") or DEFAULT_RETRY_MAX_WAIT_SECONDS)
+
+
+def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa: A002
+             where: str | None = None, key: str | list[str] | None = None,
+             job: str | None = None, state: str | DbUrl | None = None,
+             state_schema: str = DEFAULT_SCHEMA, chunk_size: int | str | None = "auto",
+             chunk_seconds: float = DEFAULT_CHUNK_SECONDS, max_rate: float | None = None,
+             sleep: float | None = None, max_runtime: str | float | None = None,
+             retries: int = DEFAULT_RETRIES,
+             retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
+             lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
+             dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
+             progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
+    """Update ``table`` in ``target`` (PostgreSQL) chunk by chunk: ``SET set`` on the rows
+    ``where`` selects, in keyset chunks of the key (``key``, else the primary key).
+
+    Each chunk's UPDATE and the job's checkpoint commit in one short transaction, so
+    every row is updated exactly once across crashes and reruns, even when ``set`` is
+    not idempotent; the state store is therefore the target database (``state`` may
+    only name it). ``set`` and ``where`` are trusted SQL; ``set`` may not assign a key
+    column. Pacing, retries, ``lock_timeout``, ``dry_run``, ``restart``, ``report``,
+    ``progress`` and ``stop`` are as for :func:`copy`.
+    """
+    from . import backfill_job, pg
+    from .jobrun import JobRun
+
+    pacing = _pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime)
+    retry = _retry_policy(retries, retry_max_wait)
+    tgt = resolve_url(target)
+    if not tgt.is_postgres:
+        raise UsageError(f"etl backfill works on PostgreSQL tables; {tgt.masked} is "
+                         f"{tgt.backend}")
+    if state and not parse(state).same_database(tgt):
+        raise UsageError("--state: a backfill keeps its checkpoint in the table's own database "
+                         "(in each chunk's transaction, so no row is updated twice); leave "
+                         "--state out or name the target database")
+    if not set or not set.strip():
+        raise UsageError('--set is required: e.g. --set "status = \'archived\'"')
+    name = TableName.parse(table)
+    spec = backfill_job.BackfillSpec(
+        target=tgt, table=name, job_id=job or f"backfill:{name}", set_sql=set,
+        where=where or None, key=opt.parse_names(key, "--key"), restart=restart, pacing=pacing,
+        retry=retry, lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
+        state_schema=state_schema)
+    if report:
+        _check_writable(Path(report))
+    prog = _progress(progress)
+    stop = stop if stop is not None else StopFlag()
+    with stop_on_signals(stop):
+        conn = pg.connect(tgt, "target", autocommit=True, settings=spec.settings)
+        try:
+            plan = backfill_job.make_plan(spec, conn)
+            if dry_run:
+                return _dry_run_backfill(plan, conn)
+            with JobRun(tgt, spec.job_id, "backfill", spec.args(), schema=state_schema) as run:
+                result = backfill_job.execute(plan, run, conn, progress=prog, stop=stop,
+                                              report_path=str(report) if report else None)
+        finally:
+            conn.close()
+    if report:
+        result.write(report)
+    return result
+
+
+def _dry_run_backfill(plan: Any, conn: psycopg.Connection) -> Result:
+    from . import backfill_job
+    from .model import Status
+    from .report import utc_now
+    from .runner import AUTO_FIRST_CHUNK
+    from .state.store import read_checkpoint
+
+    spec = plan.spec
+    found = None if spec.restart else read_checkpoint(conn, spec.job_id, spec.state_schema)
+    cp = found[0] if found else None
+    remaining, exact = backfill_job.count_remaining(conn, plan, cp.last_key if cp else None)
+    size = spec.pacing.chunk_size or AUTO_FIRST_CHUNK
+    now = utc_now()
+    result = Result(job_id=spec.job_id, run_id="dry-run", job_type="backfill", started_at=now,
+                    completed_at=now, status=Status.COMPLETED, total_items=remaining)
+    result.metadata.update({
+        "dry_run": True, "plan": backfill_job.describe_plan(plan, cp, remaining, exact, size),
+        "estimated_rows": remaining, "estimate_exact": exact, "chunk_size": size,
+        "target": spec.target.masked})
+    return result

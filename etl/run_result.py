@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from typing import TYPE_CHECKING
+
 from .errors import classify
 from .model import Checkpoint, Status
-from .report import Result, RowError
+from .report import Result, RowError, utc_now
+
+if TYPE_CHECKING:
+    from .jobrun import JobRun
+    from .progress import Progress
+    from .retry import RetryStats
+    from .urls import DbUrl
+
+log = logging.getLogger(__name__)
 
 
 def fail(result: Result, exc: BaseException, message: str) -> None:
@@ -36,6 +48,31 @@ def fill_counts(result: Result, cp: Checkpoint) -> None:
 
 def summary_line(result: Result) -> str:
     """The line progress ends with."""
-    text = (f"{result.status.value}: {result.succeeded:,} rows copied in "
+    verb = {"copy": "copied", "backfill": "updated", "archive": "archived"}.get(
+        result.job_type, "processed")
+    text = (f"{result.status.value}: {result.succeeded:,} rows {verb} in "
             f"{result.duration_seconds:.1f}s ({result.rows_this_run:,} this run)")
     return f"{text} — {result.message}" if result.message else text
+
+
+def close(result: Result, cp: Checkpoint | None, retries: RetryStats, started: float,
+          run: JobRun, progress: Progress, state: DbUrl) -> Result:
+    """The end of every run: the job's counts, retries and timing in the Result, the
+    report stored with the run (a state store that cannot be reached is logged, the Result
+    still returns), the progress line."""
+    from . import pg
+
+    if cp is not None:
+        fill_counts(result, cp)
+    result.metadata["retry_attempts"] = retries.total
+    result.metadata["retries_by_reason"] = dict(retries.by_reason)
+    result.duration_seconds = time.monotonic() - started
+    result.completed_at = utc_now()
+    try:
+        run.ensure_connected()
+        run.finish(result)
+    except Exception as exc:  # the state store may be unreachable; the report still returns
+        log.warning("could not store the report of run %s: %s", run.run_id,
+                    pg.describe_error(exc, state))
+    progress.finish(summary_line(result))
+    return result

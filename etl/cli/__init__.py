@@ -42,12 +42,14 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
 
 def _register() -> None:
+    from . import backfill as backfill_cmd
     from . import copy as copy_cmd
     from . import db as db_cmd
     from . import dlq as dlq_cmd
     from . import jobs as jobs_cmd
 
     cli.add_command(copy_cmd.copy)
+    cli.add_command(backfill_cmd.backfill)
     cli.add_command(db_cmd.db)
     cli.add_command(dlq_cmd.dlq)
     for command in (jobs_cmd.status, jobs_cmd.runs, jobs_cmd.report):

@@ -152,6 +152,15 @@ class KeysetQuery:
         bare = KeysetQuery(self.table, self.columns, self.key)
         return sql.SQL("DELETE FROM {}{}").format(self._ident(), bare._filter(has_lower, True))
 
+    def update_sql(self, set_sql: str, has_lower: bool) -> sqlmod.Composed:
+        """UPDATE the rows of one chunk's key range that --where selects (etl backfill);
+        ``set_sql`` is trusted operator input, its % doubled like --where's."""
+        from psycopg import sql
+
+        return sql.SQL("UPDATE {} SET {}{}").format(
+            self._ident(), sql.SQL(set_sql.replace("%", "%%")),  # type: ignore[arg-type]
+            self._filter(has_lower, True))
+
     def count_range_sql(self, has_lower: bool) -> sqlmod.Composed:
         """Rows of the key range ``(lo, hi]`` that the copy takes (--where applied)."""
         from psycopg import sql
@@ -172,6 +181,18 @@ class KeysetQuery:
         from psycopg import sql
 
         return sql.SQL("SELECT 1 FROM {}{}").format(self._ident(), self._filter(has_lower, False))
+
+    def delete_sql(self, has_lower: bool, returning: bool = False) -> sqlmod.Composed:
+        """DELETE the rows of one chunk's key range that --where selects (etl archive);
+        ``returning`` gives back the deleted rows' columns, for ``COPY (…) TO STDOUT`` or a
+        ``WITH moved AS (…)`` that inserts them elsewhere in the same statement."""
+        from psycopg import sql
+
+        stmt = sql.SQL("DELETE FROM {}{}").format(self._ident(), self._filter(has_lower, True))
+        if returning:
+            stmt += sql.SQL(" RETURNING {}").format(
+                sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns))
+        return stmt
 
     def params(self, lower: tuple[str, ...] | None, upper: tuple[str, ...] | None = None,
                limit: int | None = None) -> dict[str, Any]:

@@ -117,20 +117,7 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
         if step is not None:
             cp = latest[0]
             step.close()
-    if cp is not None:
-        run_result.fill_counts(result, cp)
-    result.metadata["retry_attempts"] = retries.total
-    result.metadata["retries_by_reason"] = dict(retries.by_reason)
-    result.duration_seconds = time.monotonic() - t0
-    result.completed_at = utc_now()
-    try:
-        run.ensure_connected()
-        run.finish(result)
-    except Exception as exc:  # the state store may be unreachable; the report still returns
-        log.warning("could not store the report of run %s: %s", run.run_id,
-                    pg.describe_error(exc, spec.state))
-    progress.finish(run_result.summary_line(result))
-    return result
+    return run_result.close(result, cp, retries, t0, run, progress, spec.state)
 
 
 def _after_chunk(outcome: StepOutcome, result: Result, run: JobRun) -> Checkpoint:

@@ -123,6 +123,9 @@ def test_max_error_rate_is_judged_after_1000_rows(src: str, dst: str) -> None:
     tolerant = etl.copy(source=src, target=dst, table="t", chunk_size=500, max_error_rate=0.2,
                         job="tolerant", to_table="t")
     assert tolerant.status is etl.Status.COMPLETED_WITH_ERRORS and tolerant.failed == 500
+    doc = tolerant.to_dict()  # the report lists the first 100 errors and counts them all
+    assert len(doc["errors"]) == 100 and doc["error_categories"] == {"CheckViolation": 500}
+    assert [e["item_identifier"] for e in doc["errors"][:2]] == ["[10]", "[20]"]
     execute(dst, "TRUNCATE t; DELETE FROM etl.checkpoints")
     strict = etl.copy(source=src, target=dst, table="t", chunk_size=500, job="strict")
     assert strict.status is etl.Status.FAILED
