@@ -109,16 +109,6 @@ def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
         retry_max_wait, "--retry-max-wait") or DEFAULT_RETRY_MAX_WAIT_SECONDS)
     src = resolve_url(source)
     tgt = resolve_url(target)
-    if not (src.is_postgres and tgt.is_postgres):
-        # MySQL/MariaDB or SQLite on either side: the portable job (etl.sql_copy), which
-        # refuses the options it does not take (--query, --transform, --since-column)
-        from . import sql_copy
-
-        return sql_copy.copy(options, src=src, tgt=tgt, table=table, mode=parsed_mode,
-                             pacing=pacing, retry=retry)
-    state_url = parse(state) if state else tgt
-    if not state_url.is_postgres:
-        raise UsageError(f"--state {state_url.masked}: the state store must be PostgreSQL")
     loaded: Callable[[Any], Any] | None = None
     transform_name: str | None = None
     if isinstance(transform, str):
@@ -136,6 +126,16 @@ def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
         raise UsageError("give either --table or --query (with --to-table and --key)")
     if query and not to_table:
         raise UsageError("--query needs --to-table: the name of the table to write its rows to")
+    if not (src.is_postgres and tgt.is_postgres):
+        # MySQL/MariaDB or SQLite on either side: the portable job (etl.sql_copy)
+        from . import sql_copy
+
+        return sql_copy.copy(options, src=src, tgt=tgt, table=table, mode=parsed_mode,
+                             pacing=pacing, retry=retry, transform=loaded,
+                             transform_name=transform_name)
+    state_url = parse(state) if state else tgt
+    if not state_url.is_postgres:
+        raise UsageError(f"--state {state_url.masked}: the state store must be PostgreSQL")
     dst_table = TableName.parse(to_table) if to_table else TableName.parse(table or "")
     src_table = TableName.parse(table) if table else dst_table
     if not query and src.same_database(tgt) and src_table == dst_table:

@@ -37,6 +37,9 @@ MYSQL_SESSION_TIME_ZONE = "+00:00"
 # MySQL sessions refuse (instead of truncating or zeroing) bad values in every table, not only
 # transactional ones: a silent change would be a lost value.
 MYSQL_STRICT_MODE = "STRICT_ALL_TABLES"
+# An explicit 0 written into an AUTO_INCREMENT column is stored as 0 (as mysqldump does), not
+# replaced by the next counter value: a copied key 0 must stay 0.
+MYSQL_ZERO_KEY_MODE = "NO_AUTO_VALUE_ON_ZERO"
 # utf8mb4 is the only MySQL charset that holds all of Unicode (4-byte UTF-8 such as emoji).
 MYSQL_CHARSET = "utf8mb4"
 # Driver used for each URL scheme that names no driver: the ones this toolkit installs.
@@ -88,7 +91,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 def _mysql_session_sql() -> list[str]:
     return [f"SET time_zone = '{MYSQL_SESSION_TIME_ZONE}'",
             "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), "
-            f"'{MYSQL_STRICT_MODE}')"]
+            f"'{MYSQL_STRICT_MODE}', '{MYSQL_ZERO_KEY_MODE}')"]
 
 
 def _on_mysql_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -100,7 +103,8 @@ def _on_mysql_connect(dbapi_connection: Any, _record: Any) -> None:
 def prepare_session(conn: Connection) -> None:
     """Make a session behave as the toolkit expects (idempotent, cheap, transaction-safe).
 
-    MySQL/MariaDB: time zone UTC and strict mode. Others need nothing.
+    MySQL/MariaDB: time zone UTC, strict mode, and an explicit 0 kept in AUTO_INCREMENT
+    columns (``NO_AUTO_VALUE_ON_ZERO``). Others need nothing.
     """
     if family(conn.dialect) == "mysql":
         for statement in _mysql_session_sql():
@@ -111,7 +115,8 @@ def prepare_session(conn: Connection) -> None:
 
 def reflect_table(conn: Connection, name: str, *, schema: str | None = None,
                   role: str = "source") -> TableSchema:
-    """The portable description of table ``name`` (columns, NOT NULL, primary key)."""
+    """The portable description of table ``name`` (columns, NOT NULL, primary key, which
+    columns the database numbers itself: ``etl.autonumber``)."""
     import sqlalchemy as sa
     from sqlalchemy.exc import NoSuchTableError
 
@@ -126,6 +131,9 @@ def reflect_table(conn: Connection, name: str, *, schema: str | None = None,
                           "name (and the schema or database)") from exc
     declared = _sqlite_declared_types(conn, name, schema) if fam == "sqlite" else {}
     json_cols = _mariadb_json_columns(conn, name, schema) if fam == "mysql" else set()
+    from .autonumber import reflected_auto_columns
+
+    auto = reflected_auto_columns(conn, name, schema, raw, pk)
     columns = []
     for col in raw:
         typ: TypeEngine[Any] = col["type"]
@@ -134,8 +142,62 @@ def reflect_table(conn: Connection, name: str, *, schema: str | None = None,
         if col["name"] in json_cols:
             ltype, as_text = LogicalType(Kind.JSON), False
         nullable = bool(col["nullable"]) and col["name"] not in pk
-        columns.append(PortableColumn(col["name"], ltype, nullable, unsigned, native, as_text))
+        columns.append(PortableColumn(col["name"], ltype, nullable, unsigned, native, as_text,
+                                      auto_increment=col["name"] in auto))
     return TableSchema(name, tuple(columns), pk, schema)
+
+
+# The temporary view (PostgreSQL, SQLite) or table (MySQL) a query's result columns are
+# reflected through; it never holds a row and is gone before the copy starts.
+QUERY_SHAPE_NAME = "etl_query_shape"
+_SQLITE_REPEAT = re.compile(r"^(.*):\d+$")
+
+
+def query_text(query: str) -> str:
+    """``query`` for ``sqlalchemy.text``: its colons escaped, so ``:name`` inside the operator's
+    SQL is never taken for a bind parameter (``%`` is doubled by SQLAlchemy itself)."""
+    return query.replace(":", "\\:")
+
+
+def reflect_query(conn: Connection, query: str, *, key: Sequence[str] = (),
+                  name: str = "query") -> TableSchema:
+    """The portable description of ``query``'s result columns, ``key`` as its primary key.
+
+    The result is given a temporary name on the source session and reflected like a table,
+    so queries and tables share one type mapping with the declared types kept exactly
+    (PostgreSQL type modifiers, SQLite declared types of the columns a view selects, the
+    types MySQL derives for expressions). PostgreSQL and SQLite get a temporary view,
+    created in a transaction that is rolled back; MySQL has no temporary views, so it gets
+    an empty ``CREATE TEMPORARY TABLE … AS SELECT … LIMIT 0``, dropped at once. (A cursor's
+    description would not do: sqlite3 reports no types at all, PyMySQL only wire types.)
+    The source session must be allowed to create temporary objects. Driver errors (the
+    query does not run) are raised as they are, for the caller to word.
+    """
+    import sqlalchemy as sa
+
+    shape = quote(conn.dialect, QUERY_SHAPE_NAME)
+    body = f"SELECT * FROM ({query_text(query)}) AS q"
+    try:
+        names = list(conn.execute(sa.text(f"{body} LIMIT 0")).keys())
+        # SQLite names a repeated column of a subquery NAME:1, NAME:2 …
+        repeated = [m.group(1) for n in names if (m := _SQLITE_REPEAT.match(n))
+                    and m.group(1) in names]
+        dupes = sorted({n for n in names if names.count(n) > 1} | set(repeated))
+        if dupes:
+            raise UsageError(f"--query returns more than one column named {', '.join(dupes)}; "
+                             "give each column its own name (… AS name)")
+        if family(conn.dialect) == "mysql":
+            conn.execute(sa.text(f"CREATE TEMPORARY TABLE {shape} AS {body} LIMIT 0"))
+            try:
+                found = reflect_table(conn, QUERY_SHAPE_NAME, role="source")
+            finally:
+                conn.exec_driver_sql(f"DROP TEMPORARY TABLE IF EXISTS {shape}")
+        else:
+            conn.execute(sa.text(f"CREATE TEMPORARY VIEW {shape} AS {body}"))
+            found = reflect_table(conn, QUERY_SHAPE_NAME, role="source")
+    finally:
+        conn.rollback()
+    return TableSchema(name, found.columns, tuple(key))
 
 
 def _native_text(typ: TypeEngine[Any], dialect: Dialect) -> str:
@@ -365,4 +427,5 @@ def write_sql(dialect: Dialect, table: str, columns: Sequence[str], *, mode: Mod
 
 __all__ = ["Family", "Kind", "LogicalType", "PortableColumn", "TableSchema", "family",
            "make_engine", "placeholder", "portable_type", "prepare_session", "qualified",
-           "quote", "reflect_table", "sqlalchemy_url", "write_sql"]
+           "query_text", "quote", "reflect_query", "reflect_table", "sqlalchemy_url",
+           "write_sql"]

@@ -10,6 +10,11 @@ so rows sharing the boundary timestamp are neither lost (a row written at the sa
 instant after the walk began is taken next time) nor copied twice. An interrupted
 walk resumes after its checkpoint with the same bounds (they are stored with it).
 
+Both copy paths share the walk (``_walk``): PostgreSQL → PostgreSQL through psycopg
+(``begin``, ``restrict``: values as PostgreSQL's text, cast back to the column's type),
+every other direction through SQLAlchemy (``begin_portable``, ``portable_condition``:
+the source's own values as exact JSON, turned back by ``etl.sql_copy_io.key_from_json``).
+
 Rows whose since-column is NULL are copied by the first walk only; a row committed
 late with a timestamp older than the watermark (a long transaction) is missed, as
 in every timestamp-based sync: set the column at commit time or sync with a margin.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
@@ -26,6 +32,8 @@ from .errors import UsageError
 if TYPE_CHECKING:
     import psycopg
 
+    from .dialects import Family, PortableColumn
+    from .sources.sqla import Condition, SqlaKeysetSource
     from .table_copy import CopyPlan
 
 log = logging.getLogger(__name__)
@@ -56,14 +64,64 @@ def begin(sconn: psycopg.Connection, plan: CopyPlan, previous: dict[str, Any] | 
             sql.SQL(" AND ({})").format(sql.SQL(spec.where)) if spec.where else sql.SQL(""),  # type: ignore[arg-type]
             sql.Literal(MAX_BOUNDARY_KEYS + 1))).fetchall()
         keys = [list(r) for r in found]
-        if len(keys) > MAX_BOUNDARY_KEYS:
-            log.warning("%s rows share the watermark value %s; the next run reads them again",
-                        f"more than {MAX_BOUNDARY_KEYS:,}", top)
-            keys = []
     sconn.rollback()
+    return _walk(column.name, top, keys, previous)
+
+
+def _walk(column: str, top: Any, keys: list[list[Any]], previous: dict[str, Any] | None
+          ) -> dict[str, Any]:
+    """A new walk's bounds: from where the last finished walk ended (its ``next``) up to
+    ``top``, the column's maximum now, held by the rows of ``keys`` (at most one more than
+    ``MAX_BOUNDARY_KEYS``: then none are kept and the next walk reads them all again)."""
+    if len(keys) > MAX_BOUNDARY_KEYS:
+        log.warning("%s rows share the watermark value %s; the next run reads them again",
+                    f"more than {MAX_BOUNDARY_KEYS:,}", top)
+        keys = []
     prev = previous or {}
-    return {"column": column.name, "from": prev.get("next"), "from_keys": prev.get("next_keys", []),
+    return {"column": column, "from": prev.get("next"), "from_keys": prev.get("next_keys", []),
             "next": top, "next_keys": keys}
+
+
+# -- the same on any database, through SQLAlchemy (etl.sql_copy) ---------------------------
+# Values are the source's own as exact JSON (``etl.sql_copy_io.jsonable``: timestamps and
+# decimals as ISO/plain text) and are turned back into what the source compares exactly.
+
+def begin_portable(source: SqlaKeysetSource, column: PortableColumn,
+                   previous: dict[str, Any] | None) -> dict[str, Any]:
+    """``begin`` for a SQLAlchemy keyset source (its --where applied, no walk bound yet)."""
+    from .sql_copy_io import jsonable, key_to_json
+
+    try:
+        top, keys = source.top(column.name, MAX_BOUNDARY_KEYS + 1)
+    finally:
+        source.conn.rollback()
+    return _walk(column.name, jsonable(top), [key_to_json(k) for k in keys], previous)
+
+
+def portable_condition(watermark: dict[str, Any], column: PortableColumn,
+                       key: Sequence[PortableColumn], fam: Family) -> Condition | None:
+    """The walk's lower bound as a filter of a SQLAlchemy keyset read (None on a first
+    walk): ``col >= from``, minus the keys already copied at exactly ``from``."""
+    if watermark.get("from") is None:
+        return None
+    from .sql_copy_io import key_from_json
+
+    value = key_from_json([watermark["from"]], [column], fam)[0]
+    seen = [key_from_json(k, key, fam) for k in watermark.get("from_keys") or []]
+
+    def condition(cols: Any) -> Any:
+        import sqlalchemy as sa
+
+        col = cols[column.name]
+        bound = sa.literal(value, sa.types.NullType())
+        if not seen:
+            return col >= bound
+        keys = [cols[k.name] for k in key]
+        unseen = keys[0].not_in([k[0] for k in seen]) if len(keys) == 1 else \
+            sa.tuple_(*keys).not_in(seen)
+        return sa.or_(col > bound, sa.and_(col == bound, unseen))
+
+    return condition
 
 
 def restrict(plan: CopyPlan, watermark: dict[str, Any]) -> CopyPlan:

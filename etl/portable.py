@@ -69,6 +69,9 @@ class PortableColumn:
     unsigned: bool = False  # MySQL UNSIGNED: ``type`` already holds the whole unsigned range
     native: str = ""
     read_as_text: bool = False  # no portable mapping: values are read as their text form
+    # numbered by the database when an insert leaves it out: MySQL AUTO_INCREMENT, PostgreSQL
+    # serial/identity, SQLite INTEGER PRIMARY KEY (the rowid), with or without AUTOINCREMENT
+    auto_increment: bool = False
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,10 @@ class PgTarget:
     family: Family = "postgresql"
 
     def __init__(self, conn: psycopg.Connection, table: TableName, columns: Sequence[str],
-                 *, mode: Mode, conflict_key: Sequence[str], key: Sequence[str]) -> None:
+                 *, mode: Mode, conflict_key: Sequence[str], key: Sequence[str],
+                 stage: str = STAGE_TABLE) -> None:
+        """``stage``: the temporary table upsert/ignore stage rows in; one per column set
+        written on the connection (a transform's result may have other columns)."""
         from psycopg import sql
 
         self.conn = conn
@@ -236,23 +239,23 @@ class PgTarget:
         ident = sql.Identifier(table.schema, table.name)
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
         self._keyed = mode in (Mode.UPSERT, Mode.IGNORE)
-        dest = sql.Identifier("pg_temp", STAGE_TABLE) if self._keyed else ident
+        dest = sql.Identifier("pg_temp", stage) if self._keyed else ident
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN").format(dest, cols)
         self._truncate = sql.SQL("TRUNCATE {}").format(ident)
         self._stage_empty = sql.SQL("TRUNCATE {}").format(dest)
         self._stage_create = sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS {} AS SELECT {} FROM {} WITH NO DATA").format(
-            sql.Identifier(STAGE_TABLE), cols, ident)
+            sql.Identifier(stage), cols, ident)
         keys = sql.SQL(", ").join(sql.Identifier(k) for k in key)
         self._delete = sql.SQL(
             "DELETE FROM {t} WHERE ({keys}) IN (SELECT {keys} FROM "
             "jsonb_populate_recordset(NULL::{t}, %s::jsonb))").format(t=ident, keys=keys)
-        self._merge = self._merge_sql(ident, cols) if self._keyed else None
+        self._merge = self._merge_sql(ident, cols, dest) if self._keyed else None
         if self._keyed:
             with conn.transaction():
                 conn.execute(self._stage_create)
 
-    def _merge_sql(self, ident: Any, cols: Any) -> Any:
+    def _merge_sql(self, ident: Any, cols: Any, stage: Any) -> Any:
         from psycopg import sql
 
         keys = sql.SQL(", ").join(sql.Identifier(k) for k in self.conflict_key)
@@ -271,7 +274,7 @@ class PgTarget:
             "WITH merged AS (INSERT INTO {t} AS t ({cols}) SELECT {cols} FROM {stage} "
             "ON CONFLICT ({keys}) {action} RETURNING (xmax = 0) AS inserted) "
             "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) "
-            "FROM merged").format(t=ident, cols=cols, stage=sql.Identifier("pg_temp", STAGE_TABLE),
+            "FROM merged").format(t=ident, cols=cols, stage=stage,
                                   keys=keys, action=action)
 
     @contextmanager

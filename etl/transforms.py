@@ -24,13 +24,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import EtlError, UsageError
 from .model import Category
+from .portable import Kind, PortableColumn
 
 if TYPE_CHECKING:
     import polars as pl
@@ -100,6 +101,50 @@ def apply(fn: Transform, df: pl.DataFrame, key: tuple[str, ...], name: str) -> A
         out = out.filter(pl.col(REJECT_COLUMN).is_null()).drop(REJECT_COLUMN)
     _check_keys(df, out, rejected, key, name)
     return Applied(out, rejected, df.height - out.height - len(rejected))
+
+
+def frame(rows: Sequence[tuple[Any, ...]], columns: Sequence[PortableColumn]) -> pl.DataFrame:
+    """Rows of canonical values (``etl.dialects``) as a DataFrame with the columns' names.
+
+    A column gets the polars type of its kind (numbers, text, bytes, dates, times and
+    timestamps) when that type holds every value of the rows exactly; otherwise (a value
+    polars would round, an unbounded decimal, an array, a MySQL TIME beyond one day …) it is
+    a column of the Python values themselves (``pl.Object``), so nothing changes on the way
+    through a transform that leaves it alone.
+    """
+    import polars as pl
+
+    series = []
+    for i, col in enumerate(columns):
+        values = [r[i] for r in rows]
+        dtype = _polars_type(col)
+        try:
+            s = pl.Series(col.name, values, dtype=dtype, strict=True)
+            exact = s.dtype == dtype and s.to_list() == values
+        except (TypeError, ValueError, OverflowError, pl.exceptions.PolarsError):
+            exact = False
+        series.append(s if exact else pl.Series(col.name, values, dtype=pl.Object))
+    return pl.DataFrame(series)
+
+
+def _polars_type(col: PortableColumn) -> Any:
+    import polars as pl
+
+    t = col.type
+    if t.kind is Kind.NUMERIC:
+        # polars decimals hold at most 38 digits, with a fixed scale; Python floats are doubles
+        if t.precision is not None and t.precision <= 38:
+            return pl.Decimal(t.precision, t.scale or 0)
+        return pl.Object
+    simple = {Kind.SMALLINT: pl.Int16, Kind.INTEGER: pl.Int32, Kind.BIGINT: pl.Int64,
+              Kind.BOOLEAN: pl.Boolean, Kind.REAL: pl.Float64, Kind.DOUBLE: pl.Float64,
+              Kind.BYTES: pl.Binary, Kind.DATE: pl.Date, Kind.TIME: pl.Time,
+              Kind.TIMESTAMP: pl.Datetime("us"), Kind.TIMESTAMPTZ: pl.Datetime("us", "UTC")}
+    if t.kind in simple:
+        return simple[t.kind]
+    if t.kind in (Kind.TEXT, Kind.VARCHAR, Kind.CHAR, Kind.ENUM, Kind.SET, Kind.JSON, Kind.UUID):
+        return pl.String
+    return pl.Object
 
 
 def _run_isolating(fn: Transform, df: pl.DataFrame, key: tuple[str, ...], name: str,

@@ -62,7 +62,9 @@ def show(letter_id: int, state: str | None, state_schema: str) -> None:
 @_filter_options
 @_state_options
 @click.option("--target", metavar="URL", envvar="ETL_TARGET_URL", show_envvar=True,
-              help="The job's target database (default: the state store's database).")
+              help="The job's target database, password included (default: the job's own "
+                   "MySQL/SQLite target when its URL had no password, else the state store's "
+                   "database).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def replay(job: str, category: str | None, error_type: str | None, state: str | None,
            state_schema: str, target: str | None, as_json: bool) -> None:

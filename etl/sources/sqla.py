@@ -1,6 +1,7 @@
 """Keyset reads from MySQL/MariaDB and SQLite (and PostgreSQL) through SQLAlchemy Core.
 
-A chunk is ``key > last_key AND (where) ORDER BY key LIMIT n`` — never OFFSET.
+A chunk is ``key > last_key AND (where) ORDER BY key LIMIT n`` — never OFFSET — of a
+table or of a query's result (``FROM (query) AS q``).
 Composite keys are compared as row values where the database optimises them
 (SQLite, PostgreSQL); MySQL/MariaDB get the expanded, index-friendly form
 ``a >= x AND (a > x OR (a = x AND b > y))``. MySQL chunks are streamed with a
@@ -27,7 +28,15 @@ from dataclasses import dataclass
 from decimal import MAX_PREC, Context, Decimal
 from typing import TYPE_CHECKING, Any
 
-from ..dialects import Family, Kind, PortableColumn, TableSchema, family, prepare_session
+from ..dialects import (
+    Family,
+    Kind,
+    PortableColumn,
+    TableSchema,
+    family,
+    prepare_session,
+    query_text,
+)
 from ..errors import NoKeyError, UsageError
 
 if TYPE_CHECKING:
@@ -37,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Converter = Callable[[Any], Any]
+# A further filter of a read, built on its columns (e.g. an incremental walk's lower bound).
+Condition = Callable[[Any], Any]
 _DAY = dt.timedelta(days=1)
 # Decimal arithmetic wide enough for any database's numeric (the default context has 28 digits).
 _EXACT = Context(prec=MAX_PREC)
@@ -59,9 +70,14 @@ class SqlaKeysetSource:
 
     def __init__(self, conn: Connection, table: TableSchema, *,
                  key: Sequence[str] | None = None, columns: Sequence[str] | None = None,
-                 where: str | None = None, row_values: bool | None = None) -> None:
+                 where: str | None = None, row_values: bool | None = None,
+                 query: str | None = None, condition: Condition | None = None) -> None:
+        """``query``: read that query's result (``table`` describes its columns) as
+        ``(query) AS q``, and check as it goes that the key is unique in it (a query has no
+        index that says so); ``condition``: a further filter built on the read's columns."""
         self.conn = conn
         self.table = table
+        self.query = query
         self.family: Family = family(conn.dialect)
         self.key = _resolve_key(table, key)
         self.columns = _resolve_columns(table, columns, self.key)
@@ -72,22 +88,32 @@ class SqlaKeysetSource:
         self._zero_now = 0
         self._converters = [(i, fn) for i, c in enumerate(self.columns)
                             if (fn := self._converter(c)) is not None]
-        self._first, self._next = self._statements(where)
+        self._first, self._next = self._statements(where, condition)
         prepare_session(conn)
 
     # -- SQL -------------------------------------------------------------------------
-    def _statements(self, where: str | None) -> tuple[Select[Any], Select[Any]]:
+    def _statements(self, where: str | None, condition: Condition | None
+                    ) -> tuple[Select[Any], Select[Any]]:
         import sqlalchemy as sa
 
-        tbl = sa.table(self.table.name, *(sa.column(c.name) for c in self.table.columns),
-                       schema=self.table.schema)
+        tbl: Any
+        if self.query is not None:  # operator-supplied SQL (documented as trusted)
+            tbl = sa.text(query_text(self.query)).columns(
+                *(sa.column(c.name) for c in self.table.columns)).subquery("q")
+        else:
+            tbl = sa.table(self.table.name, *(sa.column(c.name) for c in self.table.columns),
+                           schema=self.table.schema)
         cols = [sa.cast(tbl.c[c.name], sa.Text).label(c.name)
                 if c.read_as_text and self.family == "postgresql" else tbl.c[c.name]
                 for c in self.columns]
         keys = [tbl.c[k] for k in self.key]
+        filters: list[Any] = [sa.literal_column(f"({where})")] if where else []
+        extra = condition(tbl.c) if condition is not None else None
+        if extra is not None:
+            filters.append(extra)
         base = sa.select(*cols).select_from(tbl)
-        if where:  # operator-supplied SQL (documented as trusted), parenthesised
-            base = base.where(sa.literal_column(f"({where})"))
+        if filters:  # --where is operator-supplied SQL (documented as trusted), parenthesised
+            base = base.where(*filters)
         base = base.order_by(*keys).limit(sa.bindparam("etl_limit", type_=sa.Integer))
         binds = [sa.bindparam(f"etl_k{i}", type_=sa.types.NullType())
                  for i in range(len(keys))]
@@ -97,8 +123,7 @@ class SqlaKeysetSource:
             after = sa.tuple_(*keys) > sa.tuple_(*binds)
         else:
             after = _expanded_after(keys, binds)
-        self._tbl, self._after = tbl, after
-        self._filters: list[Any] = [sa.literal_column(f"({where})")] if where else []
+        self._tbl, self._after, self._filters = tbl, after, filters
         return base, base.where(after)
 
     def statement_sql(self, after: bool = True) -> str:
@@ -133,11 +158,32 @@ class SqlaKeysetSource:
             sa.or_(*(c.is_(None) for c in nullable)), *self._filters)
         return int(self.conn.execute(stmt).scalar_one())
 
+    def top(self, column: str, keys: int) -> tuple[Any, list[tuple[Any, ...]]]:
+        """The largest value of ``column`` among the rows the walk reads (None when there are
+        none) and the keys of up to ``keys`` rows holding exactly that value, as the source
+        returns them."""
+        import sqlalchemy as sa
+
+        col = self._tbl.c[column]
+        stmt = sa.select(sa.func.max(col)).select_from(self._tbl)
+        if self._filters:
+            stmt = stmt.where(*self._filters)
+        value = self.conn.execute(stmt).scalar()
+        if value is None:
+            return None, []
+        at = sa.select(*(self._tbl.c[k] for k in self.key)).select_from(self._tbl).where(
+            *self._filters, col == sa.bindparam("etl_top", value, type_=sa.types.NullType())
+        ).limit(keys)
+        return value, [tuple(r) for r in self.conn.execute(at)]
+
     def read(self, after: tuple[Any, ...] | None, limit: int) -> SqlChunk | None:
         """The chunk of up to ``limit`` rows after key ``after`` (None: from the start)."""
         if limit < 1:
             raise UsageError(f"chunk size must be at least 1, not {limit}")
-        params: dict[str, Any] = {"etl_limit": limit}
+        # a query's key is the operator's word: one row more shows a key value that a chunk
+        # boundary would split (rows sharing it after the boundary would be skipped)
+        peek = self.query is not None
+        params: dict[str, Any] = {"etl_limit": limit + 1 if peek else limit}
         if after is not None:
             if len(after) != len(self.key):
                 raise UsageError(f"a key of {self.table.name} has {len(self.key)} value(s) "
@@ -149,6 +195,9 @@ class SqlaKeysetSource:
         raw = result.fetchall()
         if not raw:
             return None
+        if peek:
+            self._check_unique(raw)
+            raw = raw[:limit]
         last = raw[-1]
         last_key = tuple(last[i] for i in self._key_index)
         self._zero_now = 0
@@ -164,6 +213,16 @@ class SqlaKeysetSource:
         while (chunk := self.read(after, limit)) is not None:
             yield chunk
             after = chunk.last_key
+
+    def _check_unique(self, raw: Sequence[Any]) -> None:
+        keys = [tuple(r[i] for i in self._key_index) for r in raw]
+        for a, b in zip(keys, keys[1:], strict=False):
+            if a == b:
+                raise UsageError(
+                    f"--key {','.join(self.key)} is not unique in the --query result: several "
+                    f"rows have the key ({', '.join(map(str, a))}), and keyset chunks could "
+                    "split them and miss some. Choose --key column(s) whose values are "
+                    "unique in the result")
 
     # -- values ----------------------------------------------------------------------
     def _convert(self, row: Any) -> tuple[Any, ...]:

@@ -594,9 +594,20 @@ def test_refusals_are_usage_errors(make_db: Callable[[str], str], state: str,
                                    lite: Callable[[str], str]) -> None:
     src, tgt = make_db("ev"), lite("ev")
     _events(src, 10, "timestamp")
-    for bad in ({"query": "SELECT 1 AS id", "to_table": "q", "key": "id"},
-                {"transform": "json:loads"}, {"since_column": "at"}):
-        with pytest.raises(UsageError):
+    # the options PostgreSQL → PostgreSQL takes work here too (tests/db/test_cross_db_options.py),
+    # with the same refusals
+    for bad, message in (({"query": "SELECT 1 AS id", "to_table": "q"}, "--query needs --key"),
+                         ({"query": "SELECT 1 AS id", "key": "id"}, "--query needs --to-table"),
+                         ({"since_column": "at", "mode": "replace"}, "--mode replace"),
+                         ({"since_column": "nope"}, "--since-column nope"),
+                         ({"rename_columns": "lower", "columns": "id,name",
+                           "to_table": "x"}, None),
+                         ({"rename_columns": "id=name"}, "same name"),
+                         ({"transform": "json"}, "module:function")):
+        if message is None:  # a valid combination, for contrast: it runs
+            assert etl.copy(source=src, target=tgt, table="ev", state=state, **bad).ok
+            continue
+        with pytest.raises(UsageError, match=message):
             etl.copy(source=src, target=tgt, table=None if "query" in bad else "ev",
                      state=state, **bad)
     with pytest.raises(UsageError, match="where"):
