@@ -157,6 +157,13 @@ class BackfillStep:
                                    settings=spec.settings)
         self.run.ensure_connected()
 
+    def committed(self, cp: Checkpoint) -> Checkpoint | None:
+        """Before a retry: the stored checkpoint, past ``cp`` when the failed attempt committed
+        after all (so its UPDATE is not applied twice)."""
+        self.ensure_connected()
+        found = read_checkpoint(self.conn, self.plan.spec.job_id, self.plan.spec.state_schema)
+        return found[0] if found is not None and found[0].chunk_index > cp.chunk_index else None
+
     def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
         self.ensure_connected()
         q = self.plan.query

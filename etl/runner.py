@@ -8,6 +8,7 @@ with its checkpoint; the loop decides how big the next chunk is, when to stop
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -20,6 +21,8 @@ from .progress import NoProgress, Progress
 from .report import RowError
 from .retry import RetryPolicy, RetryStats, is_transient
 from .retry import call as retry_call
+
+log = logging.getLogger(__name__)
 
 # Adaptive chunk size (--chunk-size auto): start small, then aim at --chunk-seconds.
 AUTO_FIRST_CHUNK = 20_000          # small enough to learn the rate in well under a second
@@ -121,6 +124,10 @@ class StepOutcome:
 
 
 Step = Callable[[Checkpoint, int], StepOutcome | None]
+# A step may also have ``committed(cp) -> Checkpoint | None``, called before each retry of
+# the chunk after ``cp``: when the failed attempt's transaction committed after all (the
+# connection was lost after the server committed, before the client heard so), it returns
+# the stored checkpoint, and the chunk is not written a second time.
 
 
 @dataclass
@@ -161,7 +168,7 @@ def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
         size = sizer.next_size()
         c0 = time.monotonic()
         try:
-            outcome = retry_call(lambda: step(cp, size), policy, retries,  # noqa: B023
+            outcome = retry_call(_attempts(step, cp, size), policy, retries,
                                  f"chunk {cp.chunk_index + 1}", should_stop=lambda: bool(stop))
         except Exception as exc:
             if stop and is_transient(exc):  # asked to stop while retrying: stop, resumable
@@ -182,6 +189,26 @@ def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
         # a short chunk was the last one: no --sleep before finding the end (--max-rate
         # still holds, so the run's average stays under it)
         _pace(pacing, t0, rows, stop, sleep=outcome.rows >= size)
+
+
+def _attempts(step: Step, cp: Checkpoint, size: int) -> Callable[[], StepOutcome | None]:
+    """One try of the chunk after ``cp`` per call; a retry first asks the step whether the
+    failed try committed after all (see ``Step``)."""
+    tries = 0
+
+    def attempt() -> StepOutcome | None:
+        nonlocal tries
+        tries += 1
+        committed = getattr(step, "committed", None)
+        if tries > 1 and committed is not None:
+            stored = committed(cp)
+            if stored is not None and stored.chunk_index > cp.chunk_index:
+                log.warning("chunk %d had committed before its connection was lost; it is not "
+                            "written again", cp.chunk_index + 1)
+                return StepOutcome(stored, stored.processed - cp.processed, stored.bytes - cp.bytes)
+        return step(cp, size)
+
+    return attempt
 
 
 def _pace(pacing: Pacing, t0: float, rows: int, stop: StopFlag, *, sleep: bool = True) -> None:

@@ -30,7 +30,7 @@ from ..sql_copy_io import (
     recategorised,
     row_bytes,
 )
-from ..state.store import insert_dead_letters, write_checkpoint
+from ..state.store import insert_dead_letters, read_checkpoint, write_checkpoint
 from .plan import SqlCopyPlan, estimate
 
 if TYPE_CHECKING:
@@ -158,6 +158,25 @@ class SqlCopyStep:
             return max(n, estimate(self.sconn, self.plan)), False
         finally:
             self.sconn.rollback()
+
+    def committed(self, cp: Checkpoint) -> Checkpoint | None:
+        """Before a retry: the stored checkpoint, past ``cp`` when the failed attempt committed
+        after all. With the state store elsewhere the target may hold a chunk whose checkpoint
+        was lost: the retry of an append/replace first deletes that chunk's keys."""
+        spec = self.plan.spec
+        try:
+            if self._dirty:
+                self._reconnect()
+            found = read_checkpoint(self.state_conn, spec.job_id, spec.state_schema)
+        except BaseException:
+            self._dirty = True
+            raise
+        self._dirty = False
+        if found is not None and found[0].chunk_index > cp.chunk_index:
+            return found[0]
+        if not spec.state_in_target and spec.mode in (Mode.APPEND, Mode.REPLACE):
+            self.guard = True
+        return None
 
     def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
         if self._dirty:

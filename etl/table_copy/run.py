@@ -89,7 +89,7 @@ def execute(plan: CopyPlan, run: JobRun, sconn: psycopg.Connection, tconn: psyco
 
         step = CopyStep(plan, sconn, tconn, run,
                         replay_guard=resuming and not spec.state_in_target
-                        and spec.mode is Mode.APPEND)
+                        and spec.mode in (Mode.APPEND, Mode.REPLACE))
         loop = run_loop(step, cp, spec.pacing, stop=stop, progress=progress,
                         on_chunk=after_chunk,
                         retry=spec.retry, retries=retries)

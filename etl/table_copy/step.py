@@ -21,7 +21,7 @@ from ..runner import StepOutcome
 from ..sinks.pg_copy import PgCopySink, WriteStats
 from ..sinks.pg_merge import PgMergeSink
 from ..sources.pg import Bound, PgKeysetSource, Piece
-from ..state.store import insert_dead_letters, write_checkpoint
+from ..state.store import insert_dead_letters, read_checkpoint, write_checkpoint
 from .plan import CopyPlan
 
 if TYPE_CHECKING:
@@ -104,6 +104,20 @@ class CopyStep:
                                         settings=spec.target_settings))
         self.run.ensure_connected()
 
+    def committed(self, cp: Checkpoint) -> Checkpoint | None:
+        """Before a retry: the stored checkpoint, which is past ``cp`` when the failed attempt
+        committed after all. With the state store elsewhere the target may hold a chunk
+        whose checkpoint was lost: the retry of an append first deletes its key range."""
+        spec = self.plan.spec
+        self.ensure_connected()
+        conn = self.tconn if spec.state_in_target else self.run.store.conn
+        found = read_checkpoint(conn, spec.job_id, spec.state_schema)
+        if found is not None and found[0].chunk_index > cp.chunk_index:
+            return found[0]
+        if not spec.state_in_target and spec.mode in (Mode.APPEND, Mode.REPLACE):
+            self.replay_guard = True
+        return None
+
     def close(self) -> None:
         if self._piecewise is not None:
             self._piecewise.close()
@@ -145,6 +159,9 @@ class CopyStep:
             with self.run.store.conn.transaction():
                 insert_dead_letters(self.run.store.conn, records, schema=spec.state_schema)
                 write_checkpoint(self.run.store.conn, new, schema=spec.state_schema)
+        if replayed:
+            log.warning("removed %d row(s) that an earlier attempt had committed without its "
+                        "checkpoint; they were written again", replayed)
         # the lost chunk may have been larger than this one: guard until a range held nothing
         self.replay_guard = self.replay_guard and replayed > 0
         errors = [RowError(item_identifier=json.dumps(r["item_key"], default=str),
