@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# Not lazy like the others: the function shares its name with the package etl.archive, and
+# importing that package (the CLI does) would bind the module here instead of the function.
+# etl.archive imports nothing heavy.
+from .archive import archive
 from .errors import (
     EtlError,
     JobLockedError,
@@ -43,6 +47,7 @@ __all__ = [
     "TargetError",
     "UsageError",
     "__version__",
+    "archive",
     "backfill",
     "copy",
     "list_dead_letters",

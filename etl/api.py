@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 from . import options as opt
 from .errors import UsageError
 from .model import Mode, TableName
+from .progress import progress_for
 from .report import Result
-from .retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS, RetryPolicy
-from .runner import DEFAULT_CHUNK_SECONDS, Pacing, StopFlag, stop_on_signals
+from .retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS
+from .runner import DEFAULT_CHUNK_SECONDS, StopFlag, stop_on_signals
 from .state.schema import DEFAULT_SCHEMA
 from .table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS
 from .thresholds import DEFAULT_MAX_ERROR_RATE, ErrorLimits
@@ -96,17 +97,8 @@ def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
         return _copy_many(tables, options)
     table = tables[0] if tables else None
     parsed_mode = opt.parse_mode(mode)
-    pacing = Pacing(
-        chunk_size=opt.parse_chunk_size(chunk_size),
-        chunk_seconds=opt.positive(chunk_seconds, "--chunk-seconds") or DEFAULT_CHUNK_SECONDS,
-        max_rate=opt.positive(max_rate, "--max-rate"),
-        sleep=opt.non_negative(sleep, "--sleep"),
-        max_runtime=opt.parse_duration(max_runtime, "--max-runtime"),
-    )
-    if retries < 0:
-        raise UsageError("--retries must be 0 or more")
-    retry = RetryPolicy(retries=retries, max_wait=opt.parse_duration(
-        retry_max_wait, "--retry-max-wait") or DEFAULT_RETRY_MAX_WAIT_SECONDS)
+    pacing = opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime)
+    retry = opt.retry_policy(retries, retry_max_wait)
     src = resolve_url(source)
     tgt = resolve_url(target)
     loaded: Callable[[Any], Any] | None = None
@@ -154,8 +146,8 @@ def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
         rename_columns=rename_columns or None, transform=loaded, transform_name=transform_name,
     )
     if report:
-        _check_writable(Path(report))
-    prog = _progress(progress)
+        opt.check_report_path(report)
+    prog = progress_for(progress)
     stop = stop if stop is not None else StopFlag()
     # SIGINT/SIGTERM from here on stop the run at a chunk boundary (exit 4), even when they
     # arrive while connecting or planning
@@ -214,7 +206,7 @@ def _copy_many(tables: list[str], options: dict[str, Any]) -> Result:
                                        or 0)
     report = options["report"]
     if report:
-        _check_writable(Path(report))
+        opt.check_report_path(report)
 
     def copy_one(t: TableName) -> Result:
         left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
@@ -230,26 +222,6 @@ def _copy_many(tables: list[str], options: dict[str, Any]) -> Result:
     if report:
         result.write(report)
     return result
-
-
-def _check_writable(path: Path) -> None:
-    """Fail before the run, not after it, when --report cannot be written."""
-    import os
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--report {path}: cannot create its directory ({exc.strerror})") from exc
-    if path.is_dir() or not os.access(path.parent, os.W_OK):
-        raise UsageError(f"--report {path}: not a writable file path")
-
-
-def _progress(progress: bool | Progress | None) -> Progress:
-    from .progress import make_progress
-
-    if progress is None or isinstance(progress, bool):
-        return make_progress(progress)
-    return progress
 
 
 def _dry_run(plan: table_copy.CopyPlan, sconn: psycopg.Connection) -> Result:
@@ -313,26 +285,6 @@ def report(run_id: str, *, state: str | DbUrl | None = None,
     return doc
 
 
-def _pacing(chunk_size: int | str | None, chunk_seconds: float, max_rate: float | None,
-            sleep: float | None, max_runtime: str | float | None) -> Pacing:
-    """--chunk-size, --chunk-seconds, --max-rate, --sleep and --max-runtime, checked."""
-    return Pacing(
-        chunk_size=opt.parse_chunk_size(chunk_size),
-        chunk_seconds=opt.positive(chunk_seconds, "--chunk-seconds") or DEFAULT_CHUNK_SECONDS,
-        max_rate=opt.positive(max_rate, "--max-rate"),
-        sleep=opt.non_negative(sleep, "--sleep"),
-        max_runtime=opt.parse_duration(max_runtime, "--max-runtime"),
-    )
-
-
-def _retry_policy(retries: int, retry_max_wait: str | float) -> RetryPolicy:
-    """--retries and --retry-max-wait, checked."""
-    if retries < 0:
-        raise UsageError("--retries must be 0 or more")
-    return RetryPolicy(retries=retries, max_wait=opt.parse_duration(
-        retry_max_wait, "--retry-max-wait") or DEFAULT_RETRY_MAX_WAIT_SECONDS)
-
-
 def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa: A002
              where: str | None = None, key: str | list[str] | None = None,
              job: str | None = None, state: str | DbUrl | None = None,
@@ -357,8 +309,8 @@ def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa
     from . import backfill_job, pg
     from .jobrun import JobRun
 
-    pacing = _pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime)
-    retry = _retry_policy(retries, retry_max_wait)
+    pacing = opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime)
+    retry = opt.retry_policy(retries, retry_max_wait)
     tgt = resolve_url(target)
     if not tgt.is_postgres:
         raise UsageError(f"etl backfill works on PostgreSQL tables; {tgt.masked} is "
@@ -376,8 +328,8 @@ def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa
         retry=retry, lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
         state_schema=state_schema)
     if report:
-        _check_writable(Path(report))
-    prog = _progress(progress)
+        opt.check_report_path(report)
+    prog = progress_for(progress)
     stop = stop if stop is not None else StopFlag()
     with stop_on_signals(stop):
         conn = pg.connect(tgt, "target", autocommit=True, settings=spec.settings)

@@ -19,14 +19,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import catalog, pg, run_result
-from .errors import EtlError, UsageError
-from .model import Checkpoint, Column, Status, TableName
+from . import catalog, lifecycle, pg
+from .errors import UsageError
+from .model import Checkpoint, Column, TableName
 from .report import Result, utc_now
-from .retry import RetryPolicy, RetryStats
-from .runner import Pacing, StepOutcome, StopFlag, run_loop
+from .retry import RetryPolicy
+from .runner import Pacing, StepOutcome, StopFlag
 from .sources.pg import Bound, KeysetQuery
-from .state.store import read_checkpoint, write_checkpoint
+from .state.store import committed_after_all, read_checkpoint, write_checkpoint
 from .urls import DbUrl
 
 if TYPE_CHECKING:
@@ -161,8 +161,8 @@ class BackfillStep:
         """Before a retry: the stored checkpoint, past ``cp`` when the failed attempt committed
         after all (so its UPDATE is not applied twice)."""
         self.ensure_connected()
-        found = read_checkpoint(self.conn, self.plan.spec.job_id, self.plan.spec.state_schema)
-        return found[0] if found is not None and found[0].chunk_index > cp.chunk_index else None
+        spec = self.plan.spec
+        return committed_after_all(self.conn, spec.job_id, self.run.run_id, cp, spec.state_schema)
 
     def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
         self.ensure_connected()
@@ -187,6 +187,9 @@ class BackfillStep:
 
     def close(self) -> None:
         self.conn.close()
+
+    def metadata(self) -> dict[str, Any]:
+        return {"longest_transaction_seconds": round(self.longest, 3)}
 
 
 def describe_plan(plan: BackfillPlan, cp: Checkpoint | None, remaining: int, exact: bool,
@@ -224,59 +227,33 @@ def execute(plan: BackfillPlan, run: JobRun, conn: psycopg.Connection, *, progre
             stop: StopFlag | None = None, report_path: str | None = None) -> Result:
     """Run the planned backfill under ``run`` (lock held). Failures end in the Result."""
     spec = plan.spec
-    stop = stop if stop is not None else StopFlag()
     result = Result(job_id=spec.job_id, run_id=run.run_id, job_type="backfill",
                     started_at=utc_now())
     result.metadata.update({"target": spec.target.masked, "key": [k.name for k in plan.key],
                             "set": spec.set_sql, "where": spec.where,
                             "chunk_size": spec.pacing.chunk_size or "auto"})
     result.artifacts["report"] = report_path
-    t0 = time.monotonic()
-    retries = RetryStats()
-    found = None if spec.restart else read_checkpoint(run.store.conn, spec.job_id,
-                                                       spec.state_schema)
-    # a rerun after a finished backfill continues after its last key (rows added since),
-    # never applies --set twice to a row; --restart walks the whole table again
-    cp = found[0] if found else Checkpoint(job_id=spec.job_id, chunk_index=0, last_key=None,
-                                           run_id=run.run_id)
-    step = BackfillStep(plan, conn, run)
-    latest = [cp]
-    try:
-        run.begin()
-        if found is not None and cp.last_key is not None:
-            log.info("resuming %s after key %s (chunk %d, %d rows updated)", spec.job_id,
-                     cp.last_key_json, cp.chunk_index, cp.processed)
+
+    def start() -> lifecycle.Start:
+        # a rerun after a finished backfill continues after its last key (rows added since),
+        # never applies --set twice to a row; --restart walks the whole table again
+        found = None if spec.restart else read_checkpoint(run.store.conn, spec.job_id,
+                                                           spec.state_schema)
+        cp = found[0] if found else Checkpoint(job_id=spec.job_id, chunk_index=0,
+                                               last_key=None, run_id=run.run_id)
         remaining, exact = count_remaining(conn, plan, cp.last_key)
-        progress.start(f"backfill {spec.table}", cp.processed, cp.processed + remaining, exact)
-        result.total_items = cp.processed + remaining
+        return lifecycle.Start(BackfillStep(plan, conn, run), cp, found is not None,
+                               f"backfill {spec.table}", remaining, exact)
 
-        def after_chunk(outcome: StepOutcome) -> None:
-            run.heartbeat()
-            latest[0] = outcome.checkpoint
+    def finish(begun: lifecycle.Start, cp: Checkpoint) -> None:
+        target = begun.step.conn  # type: ignore[attr-defined]  # reopened after a retry
+        with target.transaction():
+            write_checkpoint(target, cp, finished=True, schema=spec.state_schema)
 
-        loop = run_loop(step, cp, spec.pacing, stop=stop, progress=progress,
-                        on_chunk=after_chunk, retry=spec.retry, retries=retries)
-        cp = loop.checkpoint
-        result.status, result.message = loop.status, loop.message
-        result.rows_this_run = loop.rows
-        if loop.status is Status.COMPLETED:
-            with step.conn.transaction():
-                write_checkpoint(step.conn, cp, finished=True, schema=spec.state_schema)
-            result.total_items = cp.processed
-    except KeyboardInterrupt:
-        result.status = Status.STOPPED
-        result.message = "interrupted; the chunk in flight was rolled back — rerun to resume"
-    except EtlError as exc:
-        run_result.fail(result, exc, str(exc))
-    except Exception as exc:  # driver errors: one line, masked, with SQLSTATE
-        run_result.fail(result, exc, pg.describe_error(exc, spec.target))
-    finally:
-        cp = latest[0]
-        result.rows_this_run = max(result.rows_this_run, cp.processed - (found[0].processed
-                                                                          if found else 0))
-        result.metadata["longest_transaction_seconds"] = round(step.longest, 3)
-        step.close()
-    return run_result.close(result, cp, retries, t0, run, progress, spec.target)
+    return lifecycle.execute(run, result, start=start, finish=finish, pacing=spec.pacing,
+                             retry=spec.retry, progress=progress,
+                             stop=stop if stop is not None else StopFlag(), state=spec.target,
+                             describe=lambda exc: pg.describe_error(exc, spec.target))
 
 
 __all__ = ["BackfillPlan", "BackfillSpec", "BackfillStep", "assigned_columns", "describe_plan",

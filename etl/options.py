@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
 from .model import Mode
+
+if TYPE_CHECKING:
+    from .retry import RetryPolicy
+    from .runner import Pacing
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -85,3 +91,40 @@ def non_negative(value: float | None, option: str) -> float:
     if value < 0:
         raise UsageError(f"{option} must not be negative")
     return float(value)
+
+
+def pacing(chunk_size: int | str | None, chunk_seconds: float | None, max_rate: float | None,
+           sleep: float | None, max_runtime: str | float | None) -> Pacing:
+    """--chunk-size, --chunk-seconds, --max-rate, --sleep and --max-runtime, checked."""
+    from .runner import DEFAULT_CHUNK_SECONDS, Pacing
+
+    return Pacing(
+        chunk_size=parse_chunk_size(chunk_size),
+        chunk_seconds=positive(chunk_seconds, "--chunk-seconds") or DEFAULT_CHUNK_SECONDS,
+        max_rate=positive(max_rate, "--max-rate"),
+        sleep=non_negative(sleep, "--sleep"),
+        max_runtime=parse_duration(max_runtime, "--max-runtime"),
+    )
+
+
+def retry_policy(retries: int, retry_max_wait: str | float | None) -> RetryPolicy:
+    """--retries and --retry-max-wait, checked."""
+    from .retry import DEFAULT_RETRY_MAX_WAIT_SECONDS, RetryPolicy
+
+    if retries < 0:
+        raise UsageError("--retries must be 0 or more")
+    return RetryPolicy(retries=retries, max_wait=parse_duration(
+        retry_max_wait, "--retry-max-wait") or DEFAULT_RETRY_MAX_WAIT_SECONDS)
+
+
+def check_report_path(path: str | Path) -> None:
+    """Fail before the run, not after it, when --report cannot be written."""
+    import os
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--report {path}: cannot create its directory ({exc.strerror})") from exc
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UsageError(f"--report {path}: not a writable file path")

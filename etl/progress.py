@@ -177,3 +177,11 @@ def make_progress(enabled: bool | None, stream: TextIO | None = None) -> Progres
     if enabled is False:
         return NoProgress()
     return BarProgress(stream) if stream.isatty() else LineProgress(stream)
+
+
+def progress_for(value: bool | Progress | None) -> Progress:
+    """The library's ``progress=`` option: False (silent), True/None (bar or lines on
+    stderr), or any object with the Progress methods."""
+    if value is None or isinstance(value, bool):
+        return make_progress(value)
+    return value

@@ -46,9 +46,9 @@ def fill_counts(result: Result, cp: Checkpoint) -> None:
                               "timestamp": cp.updated_at}
 
 
-def summary_line(result: Result) -> str:
-    """The line progress ends with."""
-    verb = {"copy": "copied", "backfill": "updated", "archive": "archived"}.get(
+def summary_line(result: Result, verb: str | None = None) -> str:
+    """The line progress ends with: ``completed: 1,000 rows copied in 2.0s (…)``."""
+    verb = verb or {"copy": "copied", "backfill": "updated", "archive": "archived"}.get(
         result.job_type, "processed")
     text = (f"{result.status.value}: {result.succeeded:,} rows {verb} in "
             f"{result.duration_seconds:.1f}s ({result.rows_this_run:,} this run)")
@@ -56,7 +56,7 @@ def summary_line(result: Result) -> str:
 
 
 def close(result: Result, cp: Checkpoint | None, retries: RetryStats, started: float,
-          run: JobRun, progress: Progress, state: DbUrl) -> Result:
+          run: JobRun, progress: Progress, state: DbUrl, verb: str | None = None) -> Result:
     """The end of every run: the job's counts, retries and timing in the Result, the
     report stored with the run (a state store that cannot be reached is logged, the Result
     still returns), the progress line."""
@@ -74,5 +74,5 @@ def close(result: Result, cp: Checkpoint | None, retries: RetryStats, started: f
     except Exception as exc:  # the state store may be unreachable; the report still returns
         log.warning("could not store the report of run %s: %s", run.run_id,
                     pg.describe_error(exc, state))
-    progress.finish(summary_line(result))
+    progress.finish(summary_line(result, verb))
     return result

@@ -42,6 +42,7 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
 
 def _register() -> None:
+    from . import archive as archive_cmd
     from . import backfill as backfill_cmd
     from . import copy as copy_cmd
     from . import db as db_cmd
@@ -49,6 +50,7 @@ def _register() -> None:
     from . import jobs as jobs_cmd
 
     cli.add_command(copy_cmd.copy)
+    cli.add_command(archive_cmd.archive)
     cli.add_command(backfill_cmd.backfill)
     cli.add_command(db_cmd.db)
     cli.add_command(dlq_cmd.dlq)

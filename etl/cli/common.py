@@ -18,8 +18,15 @@ def error(message: str) -> None:
     click.echo(f"etl: error: {message}", err=True)
 
 
-def job_options(func: F) -> F:
-    """--job, --state, chunking, pacing, reporting and control options (SPEC.md "Commands")."""
+def job_options(func: F | None = None, *, without: tuple[str, ...] = ()) -> Any:
+    """--job, --state, chunking, pacing, reporting and control options (SPEC.md "Commands").
+
+    ``@job_options`` adds them all; ``@job_options(without=("state", …))`` leaves out the
+    named ones (by parameter name), for a command that defines them its own way or has no use
+    for them.
+    """
+    if func is None:
+        return lambda f: job_options(f, without=without)
     decorators = [
         click.option("--job", metavar="NAME",
                      help="Job name (default derived from the command and target, e.g. "
@@ -65,6 +72,10 @@ def job_options(func: F) -> F:
                      help="Progress on stderr (default: a live bar on a TTY, milestone lines otherwise)."),
     ]
     for decorator in reversed(decorators):
+        probe = decorator(lambda: None)  # click keeps the option it declares on the function
+        declared = getattr(probe, "__click_params__", [None])[-1]
+        if declared is not None and declared.name in without:
+            continue
         func = decorator(func)
     return func
 

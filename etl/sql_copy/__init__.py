@@ -26,7 +26,6 @@ Modules: ``plan`` (options resolved, both databases read), ``connections``,
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
@@ -50,8 +49,9 @@ def copy(options: dict[str, Any], *, src: DbUrl, tgt: DbUrl, table: str | None, 
     """`etl copy` when either database is not PostgreSQL (called by ``etl.api.copy`` with its
     options, already checked and parsed where ``api.copy`` does that for both paths)."""
     from .. import options as opt
-    from ..api import _check_writable, _progress, resolve_url
+    from ..api import resolve_url
     from ..jobrun import JobRun
+    from ..progress import progress_for
 
     query = options.get("query") or None
     sfam, tfam = family_of(src), family_of(tgt)
@@ -83,8 +83,8 @@ def copy(options: dict[str, Any], *, src: DbUrl, tgt: DbUrl, table: str | None, 
         rename_columns=options.get("rename_columns") or None)
     report = options["report"]
     if report:
-        _check_writable(Path(report))
-    prog = _progress(options["progress"])
+        opt.check_report_path(report)
+    prog = progress_for(options["progress"])
     stop = options["stop"] if options["stop"] is not None else StopFlag()
     with stop_on_signals(stop):
         dbs = Databases(spec, dry_run=bool(options["dry_run"]))

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
-from .. import incremental, pg, run_result
+from .. import incremental, lifecycle, pg
 from ..autonumber import advance_auto_increment
-from ..errors import EtlError
 from ..model import Checkpoint, Mode, Status
 from ..report import Result, utc_now
-from ..retry import RetryStats
-from ..runner import StepOutcome, StopFlag, run_loop
+from ..runner import StopFlag
 from ..sql_copy_io import describe_error, key_from_json
 from ..state.store import read_checkpoint, write_checkpoint
 from .plan import SqlCopyPlan, estimate, prepare_target
@@ -22,6 +19,7 @@ from .step import EXACT_COUNT_ROWS, SqlCopyStep
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
+    from ..dialects import TableSchema
     from ..jobrun import JobRun
     from ..progress import Progress
     from .connections import Databases
@@ -60,7 +58,6 @@ def execute(plan: SqlCopyPlan, run: JobRun, dbs: Databases, *, progress: Progres
             stop: StopFlag | None = None, report_path: str | None = None) -> Result:
     """Run the planned copy under ``run`` (lock held). Failures end in the Result, not raised."""
     spec = plan.spec
-    stop = stop if stop is not None else StopFlag()
     result = Result(job_id=spec.job_id, run_id=run.run_id, job_type="copy", started_at=utc_now())
     result.metadata.update({
         "source": spec.source.masked, "target": spec.target.masked, "state": spec.state.masked,
@@ -69,83 +66,43 @@ def execute(plan: SqlCopyPlan, run: JobRun, dbs: Databases, *, progress: Progres
         "copy_format": "text COPY" if plan.target_family == "postgresql" else "executemany"})
     result.artifacts["dead_letters"] = f"{spec.state_schema}.dead_letters (job_id = {spec.job_id!r})"
     result.artifacts["report"] = report_path
-    t0 = time.monotonic()
-    cp: Checkpoint | None = None
-    retries = RetryStats()
-    step: SqlCopyStep | None = None
-    latest: list[Checkpoint] = []
-    started_at = 0
-    try:
+    created: list[TableSchema] = []
+
+    def start() -> lifecycle.Start:
         with dbs.target_sa() as tconn:
-            target = prepare_target(plan, tconn)
+            created.append(prepare_target(plan, tconn))
         found = _resumable(plan, run.store.conn)
         with dbs.source() as sconn:
-            plan, found = walk_bounds(plan, found, sconn)
-        if plan.watermark is not None:
-            result.metadata["watermark"] = {k: plan.watermark[k] for k in ("column", "from", "next")}
+            walk, found = walk_bounds(plan, found, sconn)
+        if walk.watermark is not None:
+            result.metadata["watermark"] = {k: walk.watermark[k] for k in ("column", "from", "next")}
         cp = found[0] if found else Checkpoint(job_id=spec.job_id, chunk_index=0, last_key=None,
-                                               run_id=run.run_id, watermark=plan.watermark)
-        run.begin()
-        if run.stale_runs_closed:
-            log.warning("closed %d run(s) of %s left open by a process that died",
-                        run.stale_runs_closed, spec.job_id)
-        if found is not None and cp.last_key is not None:
-            log.info("resuming %s after key %s (chunk %d, %d rows done)", spec.job_id,
-                     cp.last_key_json, cp.chunk_index, cp.processed)
-        step = SqlCopyStep(plan, target, dbs, run,
+                                               run_id=run.run_id, watermark=walk.watermark)
+        step = SqlCopyStep(walk, created[0], dbs, run,
                            guard=cp.last_key is not None and found is not None
                            and not spec.state_in_target
                            and spec.mode in (Mode.APPEND, Mode.REPLACE))
         if spec.mode is Mode.REPLACE and cp.last_key is None:
             step.empty_target(cp)  # never once a chunk is recorded: that is a resume
         remaining, exact = step.count_remaining(cp)
-        progress.start(f"copy {spec.source_name}", cp.processed, cp.processed + remaining, exact)
-        result.total_items = cp.processed + remaining
-        started_at = cp.processed
-        latest.append(cp)
+        return lifecycle.Start(step, cp, found is not None, f"copy {spec.source_name}",
+                               remaining, exact)
 
-        def after_chunk(outcome: StepOutcome) -> None:
-            for error in outcome.errors:
-                result.add_error(error)
-            run.heartbeat()
-            latest[0] = outcome.checkpoint
+    def finish(begun: lifecycle.Start, cp: Checkpoint) -> None:
+        with dbs.target_sa() as tconn:  # serial/identity/AUTO_INCREMENT past the copied keys
+            moved = advance_auto_increment(tconn, created[0])
+        if moved:
+            log.info("auto-numbering of %s set past the copied values: %s",
+                     spec.target_table, moved)
+            result.metadata["sequences"] = moved
+        state_conn = begun.step.state_conn  # type: ignore[attr-defined]
+        with state_conn.transaction():
+            write_checkpoint(state_conn, cp, finished=True, schema=spec.state_schema)
 
-        loop = run_loop(step, cp, spec.pacing, stop=stop, progress=progress,
-                        on_chunk=after_chunk, retry=spec.retry, retries=retries)
-        cp = loop.checkpoint
-        result.status, result.message = loop.status, loop.message
-        result.rows_this_run = loop.rows
-        result.metadata["chunk_size_last"] = loop.last_chunk_size
-        if loop.status is Status.COMPLETED:
-            with dbs.target_sa() as tconn:  # serial/identity/AUTO_INCREMENT past the copied keys
-                moved = advance_auto_increment(tconn, target)
-            if moved:
-                log.info("auto-numbering of %s set past the copied values: %s",
-                         spec.target_table, moved)
-                result.metadata["sequences"] = moved
-            with step.state_conn.transaction():
-                write_checkpoint(step.state_conn, cp, finished=True, schema=spec.state_schema)
-            result.total_items = cp.processed
-            if cp.failed:
-                result.status = Status.COMPLETED_WITH_ERRORS
-                result.message = (f"{cp.failed:,} row(s) failed and are in the dead letters: "
-                                  f"etl dlq list --job {spec.job_id}")
-    except KeyboardInterrupt:
-        result.status = Status.STOPPED
-        result.message = "interrupted; the chunk in flight was rolled back — rerun to resume"
-    except EtlError as exc:
-        run_result.fail(result, exc, str(exc))
-    except Exception as exc:  # driver errors: one line, masked
-        run_result.fail(result, exc, describe_error(exc, spec.target))
-    finally:
-        if latest:
-            cp = latest[0]
-            # also when the run ended early: the rows of the chunks it committed
-            result.rows_this_run = max(result.rows_this_run, cp.processed - started_at)
-        if step is not None:
-            result.metadata["zero_dates"] = step.source.zero_dates
-            step.close()
-    return run_result.close(result, cp, retries, t0, run, progress, spec.state)
+    return lifecycle.execute(run, result, start=start, finish=finish, pacing=spec.pacing,
+                             retry=spec.retry, progress=progress,
+                             stop=stop if stop is not None else StopFlag(), state=spec.state,
+                             describe=lambda exc: describe_error(exc, spec.target))
 
 
 def dry_run(plan: SqlCopyPlan, sconn: Connection) -> Result:

@@ -30,7 +30,7 @@ from ..sql_copy_io import (
     recategorised,
     row_bytes,
 )
-from ..state.store import insert_dead_letters, read_checkpoint, write_checkpoint
+from ..state.store import committed_after_all, insert_dead_letters, write_checkpoint
 from .plan import SqlCopyPlan, estimate
 
 if TYPE_CHECKING:
@@ -123,6 +123,10 @@ class SqlCopyStep:
         self.sconn.close()
         self.target.close()
 
+    def metadata(self) -> dict[str, Any]:
+        """What the run's report adds from this step: MySQL zero dates read as NULL."""
+        return {"zero_dates": self.source.zero_dates}
+
     @property
     def state_conn(self) -> Any:
         """The psycopg connection the checkpoint goes through: the target's when it holds the
@@ -167,13 +171,14 @@ class SqlCopyStep:
         try:
             if self._dirty:
                 self._reconnect()
-            found = read_checkpoint(self.state_conn, spec.job_id, spec.state_schema)
+            stored = committed_after_all(self.state_conn, spec.job_id, self.run.run_id, cp,
+                                         spec.state_schema)
         except BaseException:
             self._dirty = True
             raise
         self._dirty = False
-        if found is not None and found[0].chunk_index > cp.chunk_index:
-            return found[0]
+        if stored is not None:
+            return stored
         if not spec.state_in_target and spec.mode in (Mode.APPEND, Mode.REPLACE):
             self.guard = True
         return None

@@ -111,6 +111,18 @@ def read_checkpoint(conn: psycopg.Connection, job_id: str,
     return cp, bool(finished)
 
 
+def committed_after_all(conn: psycopg.Connection, job_id: str, run_id: str, cp: Checkpoint,
+                        schema: str = DEFAULT_SCHEMA) -> Checkpoint | None:
+    """The stored checkpoint of ``job_id`` if run ``run_id`` wrote it past ``cp``: the
+    attempt that failed after ``cp`` committed after all (its answer was lost with the
+    connection). Another run's checkpoint never counts: a --restart or a new walk starts
+    from a fresh ``cp`` while the old checkpoint is still stored."""
+    found = read_checkpoint(conn, job_id, schema)
+    if found is None or found[0].run_id != run_id or found[0].chunk_index <= cp.chunk_index:
+        return None
+    return found[0]
+
+
 class StateStore:
     """Jobs, runs and reports, on an autocommit connection to the state database."""
 

@@ -21,7 +21,7 @@ from ..runner import StepOutcome
 from ..sinks.pg_copy import PgCopySink, WriteStats
 from ..sinks.pg_merge import PgMergeSink
 from ..sources.pg import Bound, PgKeysetSource, Piece
-from ..state.store import insert_dead_letters, read_checkpoint, write_checkpoint
+from ..state.store import committed_after_all, insert_dead_letters, write_checkpoint
 from .plan import CopyPlan
 
 if TYPE_CHECKING:
@@ -111,9 +111,9 @@ class CopyStep:
         spec = self.plan.spec
         self.ensure_connected()
         conn = self.tconn if spec.state_in_target else self.run.store.conn
-        found = read_checkpoint(conn, spec.job_id, spec.state_schema)
-        if found is not None and found[0].chunk_index > cp.chunk_index:
-            return found[0]
+        stored = committed_after_all(conn, spec.job_id, self.run.run_id, cp, spec.state_schema)
+        if stored is not None:
+            return stored
         if not spec.state_in_target and spec.mode in (Mode.APPEND, Mode.REPLACE):
             self.replay_guard = True
         return None

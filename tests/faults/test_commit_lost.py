@@ -99,3 +99,28 @@ def test_cross_database_copy_into_postgresql_does_not_write_a_committed_chunk_ag
         assert conn.execute("SELECT count(*), count(DISTINCT id), sum(id) FROM ev"
                             ).fetchone() == (ROWS, ROWS, ROWS * (ROWS + 1) // 2)
     assert json.loads(proc.stdout)["summary"]["succeeded"] == ROWS
+
+
+def test_a_retry_of_a_restarts_first_chunk_does_not_take_the_old_checkpoint(
+        src: str, dst: str) -> None:
+    """--restart keeps the old checkpoint until its first chunk commits; when that chunk is
+    retried, the stored checkpoint is the old run's, not a sign that the chunk went in."""
+    import threading
+
+    _tables(src, dst)
+    first = run_etl("copy", "--source", src, "--target", dst, "--table", "ev", "--no-progress")
+    assert first.returncode == 0, first.stderr
+    execute(dst, "TRUNCATE ev")
+    holder = psycopg.connect(dst)
+    holder.execute("LOCK TABLE ev IN ACCESS EXCLUSIVE MODE")  # the first attempt times out
+    release = threading.Timer(1.0, holder.rollback)
+    release.start()
+    try:
+        proc = run_etl("copy", "--source", src, "--target", dst, "--table", "ev", "--restart",
+                       "--chunk-size", "5000", "--lock-timeout", "200ms", "--retries", "8",
+                       "--retry-max-wait", "0.5s", "--json", "--no-progress")
+    finally:
+        release.join()
+        holder.close()
+    doc = _copied_exactly(src, dst, proc)
+    assert doc["metadata"]["retries_by_reason"].get("55P03", 0) >= 1

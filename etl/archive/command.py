@@ -1,0 +1,122 @@
+"""``etl.archive(...)``: check the options, build the spec and the plan, run it under the
+job's lock and return the Result (the CLI's `etl archive` calls exactly this)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import options as opt
+from ..errors import UsageError
+from ..model import TableName
+from ..report import Result
+from ..retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS
+from ..runner import DEFAULT_CHUNK_SECONDS, StopFlag, stop_on_signals
+from ..state.schema import DEFAULT_SCHEMA
+from ..table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS
+from ..urls import DbUrl, parse
+from .plan import Action, ArchiveSpec
+
+if TYPE_CHECKING:
+    from ..progress import Progress
+
+
+def archive(*, table: str, where: str, source: str | DbUrl | None = None,
+            to: str | DbUrl | None = None, to_table: str | None = None, purge: bool = False,
+            no_delete: bool = False, key: str | list[str] | None = None, create: bool = True,
+            job: str | None = None, state: str | DbUrl | None = None,
+            state_schema: str = DEFAULT_SCHEMA, chunk_size: int | str | None = "auto",
+            chunk_seconds: float = DEFAULT_CHUNK_SECONDS, max_rate: float | None = None,
+            sleep: float | None = None, max_runtime: str | float | None = None,
+            retries: int = DEFAULT_RETRIES,
+            retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
+            lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
+            dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
+            progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
+    """Move the rows of ``table`` matching ``where`` into an archive table, in keyset chunks.
+
+    ``to_table`` names the archive table: in the source database (each chunk is ONE source
+    transaction: ``WITH moved AS (DELETE … RETURNING …) INSERT …`` and the checkpoint), or
+    with ``to`` in another PostgreSQL database (each chunk is written there idempotently and
+    committed, then deleted from the source with the checkpoint: a crash in between leaves
+    the rows in both, and the rerun keeps the archive's identical copies and deletes them).
+    ``purge=True`` deletes without archiving; ``no_delete=True`` archives without deleting.
+    A missing archive table is created from the source's definition (``create=False``
+    refuses instead).
+
+    The table is walked by its primary key (or ``key``, ``"a,b"``; composite keys as row
+    values); ``where`` (trusted SQL) is applied, parenthesised, inside every chunk, so only
+    rows matching when their chunk runs move. ``lock_timeout`` bounds each wait for a row
+    lock (a timeout rolls the chunk back and retries it); ``chunk_size``, ``chunk_seconds``,
+    ``sleep``, ``max_rate`` and ``max_runtime`` pace the job as for :func:`etl.copy`. The
+    state store is the source database unless ``state`` names another PostgreSQL; the job
+    is ``archive:SCHEMA.TABLE`` unless ``job`` is given. A rerun of an unfinished job
+    resumes after its checkpoint; a run after a finished one starts a new walk.
+
+    Raises :class:`etl.UsageError` (bad options) or another :class:`etl.EtlError` when the
+    job cannot start (unreachable database, missing table, job locked: exit 75). Once
+    running, failures end in the returned Result (``status`` ``failed``).
+    """
+    from .. import api, pg
+    from ..jobrun import JobRun
+    from ..progress import progress_for
+    from .plan import make_plan
+    from .run import dry_run as plan_only
+    from .run import execute
+
+    if not where or not where.strip():
+        raise UsageError("--where is required: archive takes the rows matching it "
+                         "(e.g. --where \"created_at < now() - interval '90 days'\"; "
+                         "--where true takes every row)")
+    if purge and no_delete:
+        raise UsageError("--purge deletes without archiving and --no-delete archives without "
+                         "deleting: give one of them")
+    if purge and (to or to_table):
+        raise UsageError("--purge deletes the rows without archiving them: drop --to/--to-table, "
+                         "or drop --purge to archive them")
+    if not purge and not to and not to_table:
+        raise UsageError("say where the rows go: --to-table T (a table in the same database), "
+                         "--to URL [--to-table T] (another PostgreSQL database), or --purge "
+                         "(delete them)")
+    action = Action.PURGE if purge else Action.NO_DELETE if no_delete else Action.MOVE
+    pacing = opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime)
+    retry = opt.retry_policy(retries, retry_max_wait)
+    src = api.resolve_url(source)
+    dest = parse(to) if to else src
+    state_url = parse(state) if state else src
+    for url, option in ((src, "--source"), (dest, "--to"), (state_url, "--state")):
+        if not url.is_postgres:
+            raise UsageError(f"{option} {url.masked}: etl archive works on PostgreSQL for now "
+                             "(MariaDB/MySQL destinations and files come later)")
+    src_table = TableName.parse(table)
+    archive_table = None if purge else TableName.parse(to_table) if to_table else src_table
+    spec = ArchiveSpec(
+        source=src, dest=dest, state=state_url, table=src_table, archive_table=archive_table,
+        job_id=job or f"archive:{src_table}", where=where, action=action,
+        key=opt.parse_names(key, "--key"), create=create, restart=restart, pacing=pacing,
+        retry=retry, lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
+        state_schema=state_schema)
+    if report:
+        opt.check_report_path(report)
+    prog = progress_for(progress)
+    stop = stop if stop is not None else StopFlag()
+    with stop_on_signals(stop):  # SIGINT/SIGTERM: stop at a chunk boundary (exit 4)
+        sconn = pg.connect(src, "source", autocommit=True, settings=spec.settings)
+        dconn = None
+        try:
+            if not spec.same_database:
+                dconn = pg.connect(dest, "target", autocommit=True, settings=spec.settings)
+            plan = make_plan(spec, sconn, dconn)
+            if dry_run:
+                return plan_only(plan, sconn)
+            with JobRun(state_url, spec.job_id, "archive", spec.args(),
+                        schema=state_schema) as run:
+                result = execute(plan, run, sconn, dconn, progress=prog, stop=stop,
+                                 report_path=str(report) if report else None)
+        finally:
+            sconn.close()
+            if dconn is not None:
+                dconn.close()
+    if report:
+        result.write(report)
+    return result

@@ -1,0 +1,272 @@
+"""What an archive job will do: the spec, the plan (read from the databases, nothing
+written), the SQL of a chunk and the --dry-run text.
+
+The plan is built on the copy path's: :func:`etl.table_copy.make_plan` describes the
+source from pg_catalog, resolves and checks the key, checks --where, refuses NULL keys,
+checks an existing archive table's columns and holds the DDL that creates a missing one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .. import catalog, table_copy
+from ..errors import UsageError
+from ..model import Column, TableName
+from ..retry import RetryPolicy
+from ..runner import Pacing
+from ..sources.pg import KeysetQuery
+from ..table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS, CopyPlan, CopySpec
+from ..urls import DbUrl
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import sql as sqlmod
+
+# The archive side of a chunk that goes to another database is staged here first (a
+# temporary table of the destination session, emptied by every commit and rollback).
+STAGE_TABLE = "etl_archive_stage"
+
+
+class Action(enum.StrEnum):
+    """What happens to the matching rows."""
+
+    MOVE = "move"            # archive, then delete from the source
+    PURGE = "purge"          # delete only (--purge)
+    NO_DELETE = "no-delete"  # archive only (--no-delete)
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """Everything `etl archive` was asked to do, checked and resolved."""
+
+    source: DbUrl
+    dest: DbUrl                    # the archive's database: the source's unless --to
+    state: DbUrl
+    table: TableName
+    archive_table: TableName | None  # None with --purge
+    job_id: str
+    where: str
+    action: Action = Action.MOVE
+    key: tuple[str, ...] | None = None
+    create: bool = True
+    restart: bool = False
+    pacing: Pacing = Pacing()
+    retry: RetryPolicy = RetryPolicy()
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT_SECONDS
+    state_schema: str = "etl"
+
+    @property
+    def same_database(self) -> bool:
+        """The archive table is in the source database (or there is none: --purge)."""
+        return self.source.same_database(self.dest)
+
+    @property
+    def state_in_source(self) -> bool:
+        return self.state.same_database(self.source)
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """Session settings of both connections: how long a chunk waits for a row lock."""
+        if self.lock_timeout is None:
+            return {}
+        return {"lock_timeout": f"{max(int(self.lock_timeout * 1000), 1)}ms"}
+
+    def args(self) -> dict[str, Any]:
+        """The job's arguments as stored in the state store (URLs masked)."""
+        return {
+            "source": self.source.masked, "to": self.dest.masked, "table": str(self.table),
+            "to_table": str(self.archive_table) if self.archive_table else None,
+            "where": self.where, "action": self.action.value, "key": list(self.key or ()),
+            "create": self.create, "pacing": dataclasses.asdict(self.pacing),
+            "retry": dataclasses.asdict(self.retry), "lock_timeout": self.lock_timeout,
+        }
+
+
+@dataclass(frozen=True)
+class ArchivePlan:
+    """The copy plan of source → archive table, plus what archiving adds to it."""
+
+    spec: ArchiveSpec
+    copy: CopyPlan
+    conflict_key: tuple[str, ...]  # the archive's unique key (what a replayed row meets)
+
+    @property
+    def query(self) -> KeysetQuery:
+        return self.copy.query
+
+    @property
+    def columns(self) -> tuple[Column, ...]:
+        return self.copy.columns
+
+    @property
+    def archive(self) -> TableName:
+        assert self.spec.archive_table is not None
+        return self.spec.archive_table
+
+    def chunk_sql(self, has_lower: bool) -> sqlmod.Composed:
+        """The statement that does a chunk's work in the source database (same database:
+        all of it; another database: the ``COPY … TO STDOUT`` whose rows go there)."""
+        q, action = self.query, self.spec.action
+        if action is Action.PURGE:
+            return q.delete_sql(has_lower)
+        rows = q.select_sql(has_lower) if action is Action.NO_DELETE else \
+            q.delete_sql(has_lower, returning=True)
+        if self.spec.same_database:
+            return self.merge_sql(rows)
+        from psycopg import sql
+
+        return sql.SQL("COPY ({}) TO STDOUT (FORMAT {})").format(
+            rows, sql.SQL("binary" if self.copy.binary else "text"))
+
+    def merge_sql(self, rows: sqlmod.Composable) -> sqlmod.Composed:
+        """Insert ``rows`` (a statement returning the columns) into the archive, keeping a
+        row whose key it holds already; returns (rows, inserted, already there identical).
+
+        Every part of the statement sees the archive as it was before it, so the third count
+        finds the rows a replay meets again; ``inserted + identical < rows`` means the archive
+        holds a *different* row under one of the keys, and the chunk must not go on.
+        """
+        from psycopg import sql
+
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
+        same: sqlmod.Composable = sql.SQL("0")
+        if self.conflict_key:
+            key_a = sql.SQL(", ").join(sql.Identifier("a", k) for k in self.conflict_key)
+            key_m = sql.SQL(", ").join(sql.Identifier("m", k) for k in self.conflict_key)
+            # compared as text: types without an equality operator (json, point …) too
+            text_a = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("a", c.name))
+                                        for c in self.columns)
+            text_m = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("m", c.name))
+                                        for c in self.columns)
+            # looked up only when some row was not inserted (an InitPlan runs when first used)
+            same = sql.SQL(
+                "CASE WHEN (SELECT count(*) FROM ins) = (SELECT count(*) FROM moved) THEN 0 "
+                "ELSE (SELECT count(*) FROM moved AS m JOIN {arch} AS a ON ({ka}) = ({km}) "
+                "WHERE ROW({ta}) IS NOT DISTINCT FROM ROW({tm})) END").format(
+                arch=self._archive_ident(), ka=key_a, km=key_m, ta=text_a, tm=text_m)
+        return sql.SQL(
+            "WITH moved AS ({rows}), "
+            "ins AS (INSERT INTO {arch} ({cols}) SELECT {cols} FROM moved "
+            "ON CONFLICT DO NOTHING RETURNING 1) "
+            "SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM ins), {same}").format(
+            rows=rows, arch=self._archive_ident(), cols=cols, same=same)
+
+    def stage_merge_sql(self) -> sqlmod.Composed:
+        """:meth:`merge_sql` of the rows staged in the destination session."""
+        from psycopg import sql
+
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
+        return self.merge_sql(sql.SQL("SELECT {} FROM {}").format(
+            cols, sql.Identifier("pg_temp", STAGE_TABLE)))
+
+    def stage_create_sql(self) -> sqlmod.Composed:
+        """The destination session's staging table: the archive's types for the copied
+        columns, emptied by each commit or rollback."""
+        from psycopg import sql
+
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
+        return sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS "
+                       "SELECT {} FROM {} WITH NO DATA").format(
+            sql.Identifier(STAGE_TABLE), cols, self._archive_ident())
+
+    def _archive_ident(self) -> sqlmod.Identifier:
+        from psycopg import sql
+
+        return sql.Identifier(self.archive.schema, self.archive.name)
+
+
+def make_plan(spec: ArchiveSpec, sconn: psycopg.Connection,
+              dconn: psycopg.Connection | None) -> ArchivePlan:
+    """Describe the source and the archive table (through the copy path's plan)."""
+    if spec.archive_table is not None and spec.same_database \
+            and spec.archive_table == spec.table:
+        raise UsageError(f"--to-table {spec.archive_table} is the table being archived; name "
+                         f"another table (e.g. {spec.table.name}_archive) or another database (--to)")
+    cspec = CopySpec(source=spec.source, target=spec.dest, state=spec.state, table=spec.table,
+                     target_table=spec.archive_table or spec.table, job_id=spec.job_id,
+                     key=spec.key, where=spec.where, create=spec.create, restart=spec.restart,
+                     pacing=spec.pacing, retry=spec.retry, lock_timeout=spec.lock_timeout,
+                     state_schema=spec.state_schema)
+    cplan = table_copy.make_plan(cspec, sconn, dconn or sconn)
+    conflict_key: tuple[str, ...] = ()
+    archive = spec.archive_table
+    if archive is not None:  # not --purge
+        copied = {c.name for c in cplan.columns}
+        keys = (catalog.unique_keys(dconn or sconn, archive) if cplan.target_exists
+                else [cplan.primary_key] if cplan.primary_key else [])
+        usable = [k for k in keys if k and set(k) <= copied]
+        conflict_key = usable[0] if usable else ()
+        atomic = spec.same_database and (spec.action is Action.MOVE or spec.state_in_source)
+        if not conflict_key and not atomic:
+            fix = (f"add one (e.g. ALTER TABLE {archive} ADD PRIMARY KEY "
+                   f"({', '.join(k.name for k in cplan.key)}))" if cplan.target_exists else
+                   f"{spec.table} has no primary key to give the archive table it would create: "
+                   "create the archive table first, with a primary key or unique index")
+            raise UsageError(
+                f"archive table {archive} has no primary key or unique index on the archived "
+                f"columns, so a chunk written again after a crash could be duplicated there; "
+                f"{fix}")
+    sconn.rollback()
+    return ArchivePlan(spec, cplan, conflict_key)
+
+
+def describe_plan(plan: ArchivePlan, resume_after: list[Any] | None, remaining: int,
+                  exact: bool, chunk_size: int, first: dict[str, Any] | None,
+                  explain: list[str]) -> str:
+    """The --dry-run text: what would happen, the SQL of one chunk and its EXPLAIN."""
+    spec = plan.spec
+    about = "" if exact else "~"
+    to = {Action.PURGE: "nowhere (--purge: deleted only)"}.get(
+        spec.action, f"{spec.dest.masked}  table {spec.archive_table}"
+        + ("" if plan.copy.target_exists else "  (missing: would be created)"))
+    lines = [
+        f"job:          {spec.job_id}",
+        f"source:       {spec.source.masked}  table {spec.table}",
+        f"archive to:   {to}",
+        f"action:       {spec.action.value}"
+        + ("" if spec.action is not Action.MOVE else
+           "  (one source transaction: delete + archive + checkpoint)" if spec.same_database
+           else "  (archive committed first, then delete + checkpoint in the source)"),
+        f"where:        {spec.where}",
+        f"key:          {', '.join(f'{k.name} {k.type_sql}' for k in plan.copy.key)}",
+        f"state store:  {spec.state.masked}  schema {spec.state_schema}",
+    ]
+    if resume_after is not None:
+        lines.append(f"resume:       after key {resume_after}")
+    if spec.pacing.chunk_size:
+        chunks = -(-remaining // chunk_size) if remaining else 0
+        lines.append(f"rows matching: {about}{remaining:,} in {about}{chunks:,} chunk(s) "
+                     f"of up to {chunk_size:,}")
+    else:
+        chunks = -(-remaining // chunk_size) if remaining else 0
+        lines.append(f"rows matching: {about}{remaining:,}; chunk size auto: starts at "
+                     f"{chunk_size:,} rows ({about}{chunks:,} chunk(s) at that size) and adapts "
+                     f"toward {spec.pacing.chunk_seconds:g} s a chunk")
+    if plan.copy.ddl and spec.action is not Action.PURGE:
+        lines.append("archive DDL:")
+        lines.extend(f"  {stmt};" for stmt in plan.copy.ddl)
+    has_lower = resume_after is not None
+    lines.append("chunk bound SQL (per chunk):")
+    lines.append(f"  {_shown(plan.query.bound_sql(has_lower))};")
+    lines.append("chunk SQL (per chunk, in the source database):")
+    lines.append(f"  {_shown(plan.chunk_sql(has_lower))};")
+    if not spec.same_database and spec.action is not Action.PURGE:
+        lines.append("then in the archive database (staged rows):")
+        lines.append(f"  {_shown(plan.stage_merge_sql())};")
+    if first is not None:
+        lines.append(f"first chunk:  {first}")
+        lines.append("EXPLAIN of the first chunk:")
+        lines.extend(f"  {line}" for line in explain)
+    else:
+        lines.append("first chunk:  none — no row matches")
+    lines.append("dry run: nothing was written")
+    return "\n".join(lines)
+
+
+def _shown(stmt: sqlmod.Composed) -> str:
+    # as the server runs them: %(name)s are the chunk's parameters, %% a literal %
+    return stmt.as_string(None).replace("%%", "%")

@@ -1,0 +1,136 @@
+"""The run of a planned archive job: resume or start, the chunk loop, the Result; and the
+--dry-run, which reads and EXPLAINs but writes nothing (not even the state store)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .. import lifecycle, pg, table_copy
+from ..errors import EtlError
+from ..model import Checkpoint, Status
+from ..report import Result, utc_now
+from ..runner import AUTO_FIRST_CHUNK, StopFlag
+from ..sources.pg import PgKeysetSource
+from ..state.store import read_checkpoint, write_checkpoint
+from .plan import Action, ArchivePlan, describe_plan
+from .step import ArchiveStep
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from ..jobrun import JobRun
+    from ..progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+def _metadata(plan: ArchivePlan) -> dict[str, Any]:
+    spec = plan.spec
+    return {"source": spec.source.masked,
+            "target": None if spec.action is Action.PURGE else spec.dest.masked,
+            "archive_table": str(spec.archive_table) if spec.archive_table else None,
+            "state": spec.state.masked, "action": spec.action.value, "where": spec.where,
+            "chunk_size": spec.pacing.chunk_size or "auto",
+            "key": [k.name for k in plan.copy.key]}
+
+
+def _start(plan: ArchivePlan, run: JobRun) -> tuple[Checkpoint, bool]:
+    """Where this run starts: after the checkpoint of an unfinished run; from the first key
+    after a finished one (rows that began to match since lie anywhere in the key order),
+    except for --no-delete, which goes on after its last key (an incremental catch-up)."""
+    spec = plan.spec
+    found = None if spec.restart else read_checkpoint(run.store.conn, spec.job_id,
+                                                       spec.state_schema)
+    if found is not None and found[1] and spec.action is not Action.NO_DELETE:
+        found = None
+    if found is not None:
+        return found[0], True
+    return Checkpoint(job_id=spec.job_id, chunk_index=0, last_key=None, run_id=run.run_id), False
+
+
+def execute(plan: ArchivePlan, run: JobRun, sconn: psycopg.Connection,
+            dconn: psycopg.Connection | None, *, progress: Progress,
+            stop: StopFlag | None = None, report_path: str | None = None) -> Result:
+    """Run the planned job under ``run`` (lock held). Failures end in the Result, not raised."""
+    spec = plan.spec
+    result = Result(job_id=spec.job_id, run_id=run.run_id, job_type="archive",
+                    started_at=utc_now())
+    result.metadata.update(_metadata(plan))
+    result.artifacts["report"] = report_path
+
+    def start() -> lifecycle.Start:
+        if spec.action is not Action.PURGE:
+            table_copy.prepare_target(dconn or sconn, plan.copy)
+        cp, resuming = _start(plan, run)
+        remaining, exact = table_copy.count_remaining(sconn, plan.copy, cp.last_key)
+        return lifecycle.Start(ArchiveStep(plan, sconn, dconn, run), cp, resuming,
+                               f"archive {spec.table}", remaining, exact)
+
+    def finish(begun: lifecycle.Start, cp: Checkpoint) -> None:
+        with run.store.conn.transaction():
+            write_checkpoint(run.store.conn, cp, finished=True, schema=spec.state_schema)
+
+    verb = {Action.PURGE: "deleted", Action.NO_DELETE: "archived"}.get(spec.action,
+                                                                       "archived and deleted")
+    return lifecycle.execute(run, result, start=start, finish=finish, pacing=spec.pacing,
+                             retry=spec.retry, progress=progress,
+                             stop=stop if stop is not None else StopFlag(), state=spec.state,
+                             describe=lambda exc: pg.describe_error(exc, spec.source), verb=verb)
+
+
+def dry_run(plan: ArchivePlan, sconn: psycopg.Connection) -> Result:
+    """Counts, the SQL of one chunk and its EXPLAIN; reads the source and the state store
+    (if it exists), writes nothing. The source session is read-only meanwhile, so even a
+    mistake here could not write."""
+    spec = plan.spec
+    resume_after = None
+    cp = None
+    if not spec.restart:
+        try:
+            with pg.connect(spec.state, "state", autocommit=True) as stconn:
+                found = read_checkpoint(stconn, spec.job_id, spec.state_schema)
+        except EtlError:
+            found = None
+        if found is not None and (not found[1] or spec.action is Action.NO_DELETE):
+            cp = found[0]
+            resume_after = cp.last_key_json
+    after = cp.last_key if cp else None
+    size = spec.pacing.chunk_size or AUTO_FIRST_CHUNK
+    # a keyset reader makes the session read-only (repeatable read): this cannot write
+    reader = PgKeysetSource(sconn, plan.query, binary=plan.copy.binary)
+    remaining, exact = table_copy.count_remaining(sconn, plan.copy, after)
+    first, explain = _explain_first(plan, reader, after, resume_after, size)
+    text = describe_plan(plan, resume_after, remaining, exact, size, first, explain)
+    now = utc_now()
+    result = Result(job_id=spec.job_id, run_id="dry-run", job_type="archive", started_at=now,
+                    completed_at=now, status=Status.COMPLETED, total_items=remaining)
+    result.metadata.update(_metadata(plan))
+    result.metadata.update({"dry_run": True, "plan": text, "estimated_rows": remaining,
+                            "estimate_exact": exact, "chunk_size": size,
+                            "estimated_chunks": -(-remaining // size) if remaining else 0,
+                            "first_chunk": first, "explain": explain})
+    return result
+
+
+def _explain_first(plan: ArchivePlan, reader: PgKeysetSource, after: tuple[str, ...] | None,
+                   after_json: list[Any] | None, size: int) -> tuple[dict[str, Any] | None, list[str]]:
+    """The first chunk's key range and the EXPLAIN (not ANALYZE: nothing runs) of its
+    statement in the source database."""
+    from psycopg import sql
+
+    q, spec = plan.query, plan.spec
+    with reader.conn.transaction(force_rollback=True):
+        bound = reader.next_bound(after, size)
+        if bound is None:
+            return None, []
+        stmt = plan.chunk_sql(after is not None)
+        if spec.action is not Action.PURGE and (not spec.same_database or plan.copy.ddl):
+            # the COPY wraps the DELETE (or SELECT), and an archive table yet to be created
+            # cannot be planned: EXPLAIN the source's part of the chunk
+            stmt = (q.select_sql(after is not None) if spec.action is Action.NO_DELETE
+                    else q.delete_sql(after is not None, returning=True))
+        rows = reader.conn.execute(sql.SQL("EXPLAIN ") + stmt,
+                                   q.params(after, bound.text)).fetchall()
+    first = {"after": after_json, "up_to": bound.json}
+    return first, [r[0] for r in rows]

@@ -1,0 +1,112 @@
+"""The life of one run of any job, around its chunk loop: the part every job shares.
+
+    result = Result(job_id=…, run_id=run.run_id, job_type="copy", started_at=utc_now())
+    return lifecycle.execute(run, result, start=start, finish=finish, …)
+
+``start()`` does what is particular to the job before its first chunk (create the
+target, read or reset the checkpoint, count the rows) and returns a ``Start``: the
+step, the checkpoint to continue from, the progress label and the rows left. Then
+the run is recorded, the chunks run (``etl.runner.run_loop``: retries, pacing,
+stop at a chunk boundary), ``finish(cp)`` closes a completed job (sequences, the
+finished checkpoint), and whatever happens — completion, a stop, a failure, an
+interrupt — ends in the Result and in the stored report; nothing is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import run_result
+from .errors import EtlError
+from .model import Checkpoint, Status
+from .retry import RetryPolicy, RetryStats
+from .runner import Pacing, Step, StepOutcome, StopFlag, run_loop
+
+if TYPE_CHECKING:
+    from .jobrun import JobRun
+    from .progress import Progress
+    from .report import Result
+    from .urls import DbUrl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Start:
+    """A job ready for its first chunk."""
+
+    step: Step                # also has close(); may have committed() and metadata()
+    checkpoint: Checkpoint    # where to continue (a fresh one for a new run)
+    resuming: bool            # the checkpoint is an earlier run's
+    label: str                # for progress, e.g. "copy public.events"
+    remaining: int            # rows left after the checkpoint
+    exact: bool = True        # ``remaining`` is a count, not an estimate
+
+
+def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
+            finish: Callable[[Start, Checkpoint], None], pacing: Pacing, retry: RetryPolicy,
+            progress: Progress, stop: StopFlag, state: DbUrl,
+            describe: Callable[[BaseException], str], verb: str | None = None) -> Result:
+    """Run a job under ``run`` (its lock held) to the end of its Result (see the module)."""
+    t0 = time.monotonic()
+    retries = RetryStats()
+    begun: Start | None = None
+    latest: Checkpoint | None = None
+    first = 0
+    try:
+        run.begin()
+        if run.stale_runs_closed:
+            log.warning("closed %d run(s) of %s left open by a process that died",
+                        run.stale_runs_closed, run.job_id)
+        begun = start()
+        cp = latest = begun.checkpoint
+        first = cp.processed
+        if begun.resuming and cp.last_key is not None:
+            log.info("resuming %s after key %s (chunk %d, %d rows done)", run.job_id,
+                     cp.last_key_json, cp.chunk_index, cp.processed)
+        progress.start(begun.label, cp.processed, cp.processed + begun.remaining, begun.exact)
+        result.total_items = cp.processed + begun.remaining
+
+        def after_chunk(outcome: StepOutcome) -> None:
+            nonlocal latest
+            for error in outcome.errors:
+                result.add_error(error)
+            run.heartbeat()
+            latest = outcome.checkpoint
+
+        loop = run_loop(begun.step, cp, pacing, stop=stop, progress=progress,
+                        on_chunk=after_chunk, retry=retry, retries=retries)
+        latest = loop.checkpoint
+        result.status, result.message = loop.status, loop.message
+        result.rows_this_run = loop.rows
+        result.metadata["chunk_size_last"] = loop.last_chunk_size
+        if loop.status is Status.COMPLETED:
+            finish(begun, loop.checkpoint)
+            result.total_items = loop.checkpoint.processed
+            if loop.checkpoint.failed:
+                result.status = Status.COMPLETED_WITH_ERRORS
+                result.message = (f"{loop.checkpoint.failed:,} row(s) failed and are in the dead "
+                                  f"letters: etl dlq list --job {run.job_id}")
+    except KeyboardInterrupt:
+        result.status = Status.STOPPED
+        result.message = "interrupted; the chunk in flight was rolled back — rerun to resume"
+    except EtlError as exc:
+        run_result.fail(result, exc, str(exc))
+    except Exception as exc:  # driver errors: one line, masked, with the SQLSTATE
+        run_result.fail(result, exc, describe(exc))
+    finally:
+        if latest is not None:  # also when the run ended early: the chunks it committed
+            result.rows_this_run = max(result.rows_this_run, latest.processed - first)
+        if begun is not None:
+            metadata: Callable[[], dict[str, Any]] | None = getattr(begun.step, "metadata", None)
+            if metadata is not None:
+                result.metadata.update(metadata())
+            begun.step.close()  # type: ignore[attr-defined]
+    return run_result.close(result, latest, retries, t0, run, progress, state, verb)
+
+
+__all__ = ["Start", "execute"]
