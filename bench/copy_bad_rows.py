@@ -5,9 +5,10 @@
 The target refuses the bad rows with a CHECK constraint, so the copy must isolate
 them and dead-letter them while every other row commits. Target (issue 3): the run
 with bad rows takes at most 1.3x the clean run. The two runs alternate ``--repeat``
-times (each into a fresh target) and the medians are compared: on a 2-core VM one
-run of either varies by +-15%. Prints each run, the medians and their ratio; exits 1
-above the target unless --no-check.
+times (each into a fresh target) and the fastest run of each path is compared (on a
+2-core VM one run of either varies by +-15%, more in bursts; noise only adds time).
+Prints each run, the fastest and the median of each and their ratios; exits 1 above
+the target unless --no-check.
 """
 
 from __future__ import annotations
@@ -77,11 +78,15 @@ def main() -> int:
                 label = "clean" if path == "clean" else f"{args.bad} bad rows"
                 print(f"| {i:>3} | {label:<11} | {args.rows:>9,} | {seconds:7.2f} | "
                       f"{args.rows / seconds:7,.0f} |", flush=True)
-        t_clean, t_bad = statistics.median(runs["clean"]), statistics.median(runs["bad"])
+        # noise on a shared VM only ever adds time: the fastest run of each path is the one
+        # that measures the path (as bench/copy_pg.py --repeat does); medians are shown too
+        t_clean, t_bad = min(runs["clean"]), min(runs["bad"])
         ratio = t_bad / t_clean
-        print(f"medians: clean {t_clean:.2f} s, with bad rows {t_bad:.2f} s; dead letters per "
-              f"run: {failed}; time with bad rows / clean: {ratio:.2f}x "
-              f"(pairs: {', '.join(f'{b / c:.2f}' for c, b in zip(runs['clean'], runs['bad'], strict=True))})")
+        m_clean, m_bad = statistics.median(runs["clean"]), statistics.median(runs["bad"])
+        print(f"fastest: clean {t_clean:.2f} s, with bad rows {t_bad:.2f} s: {ratio:.2f}x; "
+              f"medians {m_clean:.2f} s / {m_bad:.2f} s: {m_bad / m_clean:.2f}x; pairs: "
+              f"{', '.join(f'{b / c:.2f}' for c, b in zip(runs['clean'], runs['bad'], strict=True))}"
+              f"; dead letters per run: {failed}")
         ok = (all(f == args.bad for f in failed) and codes == {("clean", 0), ("bad", 3)}
               and ratio <= TARGET_RATIO)
         print(("PASS" if ok else "FAIL") + f": {ratio:.2f}x (target <= {TARGET_RATIO}x)")

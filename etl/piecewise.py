@@ -16,8 +16,10 @@ the last one has ended. Rows still go in key order, one statement at a time.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .isolate import is_data_error
@@ -50,10 +52,13 @@ class PiecewiseWriter:
         self._worker: ThreadPoolExecutor | None = None
 
     def write(self, stream: RowStream, *, on_written: Callable[[Piece, WriteStats], None],
-              on_refused: Callable[[Piece, int, BaseException], None]) -> None:
+              on_refused: Callable[[Piece, int, BaseException], Piece | None]) -> None:
         """Write every row of ``stream``. ``on_written(piece, stats)`` follows each piece that
         went in; ``on_refused(piece, offset, error)`` each one the target refused with a data
-        error (``offset``: the chunk's rows before it), before the next statement starts.
+        error (``offset``: the chunk's rows before it), before the next statement starts. It
+        may hand back rows of the refused piece still to write (all but the one the server
+        named): they go first in the next statement, which streams on as any other, instead
+        of being written again on their own while the source waits.
         Other errors are raised, with no statement left open."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="etl-piece-end")
@@ -64,9 +69,11 @@ class PiecewiseWriter:
             while True:
                 if pending is not None:
                     future, previous, previous_offset = pending
-                    stream.fill(piece, self.size, until=future.done)
+                    stream.fill(piece, self.size, until=partial(_yield_done, future))
                     pending = None
-                    _settle(future, previous, previous_offset, on_written, on_refused)
+                    carried = _settle(future, previous, previous_offset, on_written, on_refused)
+                    if carried is not None and len(carried):
+                        piece = carried.followed_by(piece)
                 if stream.done and not len(piece):
                     return
                 savepoint, statement = self._open()
@@ -97,6 +104,13 @@ class PiecewiseWriter:
             self._worker = None
 
 
+def _yield_done(future: Future[WriteStats]) -> bool:
+    """Whether the statement has ended — after letting the worker run: a thread waiting for
+    the GIL would otherwise wait out the switch interval (5 ms) at each of its steps."""
+    time.sleep(0)
+    return future.done()
+
+
 def _finish(savepoint: Savepoint, statement: Statement) -> WriteStats:
     """End the statement and its savepoint (on the worker thread): released when the
     target took every row, rolled back when it refused one."""
@@ -120,12 +134,14 @@ def _abort(savepoint: Savepoint, statement: Statement, exc: BaseException) -> No
 
 def _settle(future: Future[WriteStats], piece: Piece, offset: int,
             on_written: Callable[[Piece, WriteStats], None],
-            on_refused: Callable[[Piece, int, BaseException], None]) -> Any:
+            on_refused: Callable[[Piece, int, BaseException], Piece | None]) -> Piece | None:
+    """The outcome of a piece's statement: its stats passed on, or its refusal handled
+    (returning the rows to carry into the next statement, if any)."""
     try:
         stats = future.result()
     except Exception as exc:
         if not is_data_error(exc):
             raise
-        on_refused(piece, offset, exc)
-    else:
-        on_written(piece, stats)
+        return on_refused(piece, offset, exc)
+    on_written(piece, stats)
+    return None

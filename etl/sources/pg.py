@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # Rows are handed to the target in blocks of about this size (fewer, larger writes).
 COPY_BLOCK_BYTES = 256 * 1024
 # While a statement ends, rows are read ahead; whether it has ended is asked this often.
-UNTIL_EVERY_ROWS = 32
+UNTIL_EVERY_ROWS = 256
 
 # Binary COPY framing: an 11-byte signature, 32-bit flags and a 32-bit header extension
 # length before the first row; a field count of -1 after the last.
@@ -337,9 +337,9 @@ class PgKeysetSource:
 class RowStream:
     """One chunk's COPY data cut into pieces of whole rows, each a complete COPY stream.
 
-    The server sends each row in a message of its own, so rows are cut for free:
-    the writer can end a COPY statement after any row, and keeps the piece's rows
-    (in key order: the n-th row is the chunk's n-th key) to write parts of it again.
+    The server sends each row in a message of its own, so rows are cut for free: the
+    writer can end a COPY statement after any row, and keeps the piece's rows (their bytes
+    and where each ends) to write parts of it again.
     """
 
     def __init__(self, read: Callable[[], Any], binary: bool) -> None:
@@ -351,7 +351,25 @@ class RowStream:
     def fill(self, kept: Piece, size: int, until: Callable[[], bool]) -> None:
         """Read rows into ``kept`` (nothing is written) until it holds ``size`` rows, the
         chunk ends, or ``until()`` is true (asked every ``UNTIL_EVERY_ROWS`` rows)."""
-        self._take(kept, size, None, until)
+        if not self._start(kept, size):
+            return
+        data, read, binary, end = kept.data, self._read, self.binary, kept.ends.append
+        n, countdown = len(kept), UNTIL_EVERY_ROWS
+        while n < size:
+            row = read()
+            if not row:
+                self.done = True
+                break
+            if binary and len(row) == 2:  # the trailer: no binary row is this short
+                continue
+            data += row
+            n += 1
+            end(len(data))
+            countdown -= 1
+            if not countdown:
+                countdown = UNTIL_EVERY_ROWS
+                if until():
+                    break
 
     def stream(self, kept: Piece, size: int, write: Callable[[Any], None]) -> None:
         """``write`` the rows ``kept`` holds, then read more into it up to ``size`` rows,
@@ -360,45 +378,35 @@ class RowStream:
             write(BINARY_HEADER)
         if kept.data:
             write(bytes(kept.data))
-        sent = self._take(kept, size, write, None)
+        sent = len(kept.data)
+        if self._start(kept, size):
+            data, read, binary, end = kept.data, self._read, self.binary, kept.ends.append
+            n = len(kept)
+            while n < size:
+                row = read()
+                if not row:
+                    self.done = True
+                    break
+                if binary and len(row) == 2:  # the trailer: no binary row is this short
+                    continue
+                data += row
+                n += 1
+                end(len(data))
+                if len(data) - sent >= COPY_BLOCK_BYTES:
+                    write(data[sent:])
+                    sent = len(data)
         tail = kept.data[sent:]
         if self.binary:
             tail += BINARY_TRAILER
         write(tail)
 
-    def _take(self, kept: Piece, size: int, write: Callable[[Any], None] | None,
-              until: Callable[[], bool] | None) -> int:
-        """The row loop of fill() and stream(); returns how many bytes of ``kept`` were written."""
-        data, ends = kept.data, kept.ends
-        sent = len(data)
-        if self.done:
-            return sent
-        if self._header and len(ends) < size:
+    def _start(self, kept: Piece, size: int) -> bool:
+        """False when there is nothing to read (the chunk ended, or the piece is full)."""
+        if self.done or len(kept) >= size:
+            return False
+        if self._header:
             self._skip_header(kept)
-        append, read, binary = ends.append, self._read, self.binary
-        n = len(ends)
-        countdown = UNTIL_EVERY_ROWS
-        while n < size:
-            row = read()
-            if not row:
-                self.done = True
-                break
-            if binary and len(row) == 2 and row == BINARY_TRAILER:
-                continue
-            data += row
-            n += 1
-            append(len(data))
-            if write is not None:
-                if len(data) - sent >= COPY_BLOCK_BYTES:
-                    write(data[sent:])
-                    sent = len(data)
-            else:
-                countdown -= 1
-                if not countdown:
-                    countdown = UNTIL_EVERY_ROWS
-                    if until is not None and until():
-                        break
-        return sent
+        return not self.done
 
     def _skip_header(self, kept: Piece) -> None:
         self._header = False
@@ -426,6 +434,21 @@ class Piece:
         """Rows ``a`` to ``b`` (0-based, ``b`` excluded) as one run of COPY row data."""
         start = self.ends[a - 1] if a > 0 else 0
         return bytes(self.data[start:self.ends[b - 1]]) if b > a else b""
+
+    def without(self, i: int) -> Piece:
+        """These rows but row ``i`` (0-based), in order."""
+        out = Piece()
+        out.data += self.rows(0, i)
+        out.ends.extend(self.ends[:i])
+        return out.followed_by(Piece(bytearray(self.rows(i + 1, len(self))),
+                                     array("q", (e - self.ends[i] for e in self.ends[i + 1:]))))
+
+    def followed_by(self, other: Piece) -> Piece:
+        """These rows, then ``other``'s."""
+        shift = len(self.data)
+        self.data += other.data
+        self.ends.extend(e + shift for e in other.ends)
+        return self
 
 
 _FRAME_TYPES = {

@@ -71,6 +71,9 @@ class CopyStep:
         self.run = run
         self.replay_guard = replay_guard
         self.piece_rows: int | None = None  # set once the run meets a data error
+        # rows of a refused piece may go on with the next one, out of their order, unless rows
+        # sharing a target key must be written in key order (the last one wins)
+        self._carry = plan.spec.mode in (Mode.APPEND, Mode.REPLACE) or plan.conflict_on_key
         self._piecewise: PiecewiseWriter | None = None
         self._frame_sinks: dict[tuple[str, ...], PgCopySink | PgMergeSink] = {}
         # upsert/ignore read each chunk in key order: of rows sharing a target key, the
@@ -233,7 +236,7 @@ class CopyStep:
         def written(piece: Piece, stats: WriteStats) -> None:
             out.rows += self._count_piece(stats, out, digest)
 
-        def refused(piece: Piece, offset: int, exc: BaseException) -> None:
+        def refused(piece: Piece, offset: int, exc: BaseException) -> Piece | None:
             def give_up(n_bad: int, error: BaseException) -> None:
                 spec.limits.check(cp.failed + len(bad) + n_bad, cp.processed + offset + len(piece),
                                   pg.describe_error(error, spec.target))
@@ -241,11 +244,22 @@ class CopyStep:
             def write_slice(a: int | None, b: int) -> int:
                 return self._commit_piece(self.sink.write_rows, piece.rows(a or 0, b), out, digest)
 
+            at = pg.copy_error_line(exc)
+            if self._carry and at is not None and 1 <= at <= len(piece):
+                # the server named the row: if it fails alone too, it is bad whatever comes
+                # before it, and the others go on with the next piece
+                error = self._fails_alone(piece.rows(at - 1, at))
+                if error is not None:
+                    bad.append((piece.rows(at - 1, at), error))
+                    give_up(0, error)
+                    return piece.without(at - 1)
+                # it failed only after the rows before it (a duplicate of one of them): in order
             found = isolate(0, len(piece), len(piece), exc, write=write_slice,
                             split=lambda a, n: (a or 0) + n, count=None,
                             give_up=give_up, locate=pg.copy_error_line)
             out.rows += found.good_rows
             bad.extend((piece.rows(b.hi - 1, b.hi), b.error) for b in found.bad)
+            return None
 
         with self.source.row_stream(lower.text if lower else None, upper) as stream:
             self._pieces().write(stream, on_written=written, on_refused=refused)
@@ -261,6 +275,17 @@ class CopyStep:
                 "sqlstate": sqlstate_of(error), "category": Category.DATA.value,
                 "error_message": pg.describe_error(error, spec.target), "attempts": 1})
             out.last_error = out.letters[-1]["error_message"]
+
+    def _fails_alone(self, row: bytes) -> BaseException | None:
+        """The data error of writing ``row`` on its own, or None; nothing is kept either way."""
+        try:
+            with self.tconn.transaction(force_rollback=True):
+                self.sink.write_rows(row)
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            return exc
+        return None
 
     def _pieces(self) -> PiecewiseWriter:
         assert self.piece_rows is not None
