@@ -20,7 +20,7 @@ from .common import job_options, render
                    "it (trusted operator input).")
 @click.option("--key", metavar="COL[,COL…]",
               help="Ordered column(s) to cut chunks on (default: the primary key).")
-@job_options
+@job_options(without=("max_errors", "max_error_rate"))  # a backfill has no dead letters
 def backfill(**kw: object) -> None:
     """Update a live PostgreSQL table in short, resumable chunks (a chunked UPDATE).
 
@@ -41,7 +41,5 @@ def backfill(**kw: object) -> None:
     as_json = bool(kw.pop("as_json"))
     report = kw.pop("report_path")
     kw["set"] = kw.pop("set_")
-    for unused in ("max_errors", "max_error_rate"):  # a backfill has no dead letters
-        kw.pop(unused, None)
     result = api.backfill(report=report, **kw)  # type: ignore[arg-type]
     render(result, as_json)
