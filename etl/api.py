@@ -21,6 +21,10 @@ from .table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS
 from .thresholds import DEFAULT_MAX_ERROR_RATE, ErrorLimits
 from .urls import DbUrl, parse
 
+# --max-lag: how far behind a --replica may be before chunks wait (pt-archiver's default is 1 s;
+# 30 s lets a busy replica breathe without stalling the job on every small hiccup)
+DEFAULT_MAX_LAG_SECONDS = 30.0
+
 if TYPE_CHECKING:
     import psycopg
 
@@ -294,6 +298,7 @@ def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa
              retries: int = DEFAULT_RETRIES,
              retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
              lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
+             replica: str | DbUrl | None = None, max_lag: str | float = DEFAULT_MAX_LAG_SECONDS,
              dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
              progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
     """Update ``table`` in ``target`` (PostgreSQL) chunk by chunk: ``SET set`` on the rows
@@ -303,8 +308,9 @@ def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa
     every row is updated exactly once across crashes and reruns, even when ``set`` is
     not idempotent; the state store is therefore the target database (``state`` may
     only name it). ``set`` and ``where`` are trusted SQL; ``set`` may not assign a key
-    column. Pacing, retries, ``lock_timeout``, ``dry_run``, ``restart``, ``report``,
-    ``progress`` and ``stop`` are as for :func:`copy`.
+    column. ``replica`` (a streaming standby's URL) holds each chunk back while it lags
+    more than ``max_lag`` (seconds or a duration). Pacing, retries, ``lock_timeout``,
+    ``dry_run``, ``restart``, ``report``, ``progress`` and ``stop`` are as for :func:`copy`.
     """
     from . import backfill_job, pg
     from .jobrun import JobRun
@@ -337,14 +343,29 @@ def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa
             plan = backfill_job.make_plan(spec, conn)
             if dry_run:
                 return _dry_run_backfill(plan, conn)
+            guard = replica_guard(replica, max_lag)
             with JobRun(tgt, spec.job_id, "backfill", spec.args(), schema=state_schema) as run:
                 result = backfill_job.execute(plan, run, conn, progress=prog, stop=stop,
-                                              report_path=str(report) if report else None)
+                                              report_path=str(report) if report else None,
+                                              replica=guard)
         finally:
             conn.close()
     if report:
         result.write(report)
     return result
+
+
+def replica_guard(replica: str | DbUrl | None, max_lag: str | float | None) -> Any:
+    """The ``--replica``/``--max-lag`` guard of a job (None without ``--replica``), checked:
+    the URL must reach a server in recovery."""
+    if not replica:
+        return None
+    from .replica import ReplicaGuard
+
+    lag = opt.parse_duration(max_lag, "--max-lag")
+    guard = ReplicaGuard(parse(replica), DEFAULT_MAX_LAG_SECONDS if lag is None else lag)
+    guard.check()
+    return guard
 
 
 def _dry_run_backfill(plan: Any, conn: psycopg.Connection) -> Result:

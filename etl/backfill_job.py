@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from .jobrun import JobRun
     from .progress import Progress
+    from .replica import ReplicaGuard
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,8 @@ def describe_plan(plan: BackfillPlan, cp: Checkpoint | None, remaining: int, exa
 
 
 def execute(plan: BackfillPlan, run: JobRun, conn: psycopg.Connection, *, progress: Progress,
-            stop: StopFlag | None = None, report_path: str | None = None) -> Result:
+            stop: StopFlag | None = None, report_path: str | None = None,
+            replica: ReplicaGuard | None = None) -> Result:
     """Run the planned backfill under ``run`` (lock held). Failures end in the Result."""
     spec = plan.spec
     result = Result(job_id=spec.job_id, run_id=run.run_id, job_type="backfill",
@@ -253,7 +255,8 @@ def execute(plan: BackfillPlan, run: JobRun, conn: psycopg.Connection, *, progre
     return lifecycle.execute(run, result, start=start, finish=finish, pacing=spec.pacing,
                              retry=spec.retry, progress=progress,
                              stop=stop if stop is not None else StopFlag(), state=spec.target,
-                             describe=lambda exc: pg.describe_error(exc, spec.target))
+                             describe=lambda exc: pg.describe_error(exc, spec.target),
+                             replica=replica)
 
 
 __all__ = ["BackfillPlan", "BackfillSpec", "BackfillStep", "assigned_columns", "describe_plan",

@@ -29,6 +29,7 @@ from .runner import Pacing, Step, StepOutcome, StopFlag, run_loop
 if TYPE_CHECKING:
     from .jobrun import JobRun
     from .progress import Progress
+    from .replica import ReplicaGuard
     from .report import Result
     from .urls import DbUrl
 
@@ -50,8 +51,10 @@ class Start:
 def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
             finish: Callable[[Start, Checkpoint], None], pacing: Pacing, retry: RetryPolicy,
             progress: Progress, stop: StopFlag, state: DbUrl,
-            describe: Callable[[BaseException], str], verb: str | None = None) -> Result:
-    """Run a job under ``run`` (its lock held) to the end of its Result (see the module)."""
+            describe: Callable[[BaseException], str], verb: str | None = None,
+            replica: ReplicaGuard | None = None) -> Result:
+    """Run a job under ``run`` (its lock held) to the end of its Result (see the module).
+    ``replica`` holds each chunk back while a streaming replica lags (``etl.replica``)."""
     t0 = time.monotonic()
     retries = RetryStats()
     begun: Start | None = None
@@ -79,7 +82,8 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
             latest = outcome.checkpoint
 
         loop = run_loop(begun.step, cp, pacing, stop=stop, progress=progress,
-                        on_chunk=after_chunk, retry=retry, retries=retries)
+                        on_chunk=after_chunk, retry=retry, retries=retries,
+                        before_chunk=replica.wait if replica is not None else None)
         latest = loop.checkpoint
         result.status, result.message = loop.status, loop.message
         result.rows_this_run = loop.rows
@@ -106,6 +110,9 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
             if metadata is not None:
                 result.metadata.update(metadata())
             begun.step.close()  # type: ignore[attr-defined]
+        if replica is not None:
+            result.metadata.update(replica.metadata())
+            replica.close()
     return run_result.close(result, latest, retries, t0, run, progress, state, verb)
 
 

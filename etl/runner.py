@@ -144,11 +144,14 @@ class LoopResult:
 def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
              stop: StopFlag | None = None, progress: Progress | None = None,
              on_chunk: Callable[[StepOutcome], None] | None = None,
-             retry: RetryPolicy | None = None, retries: RetryStats | None = None) -> LoopResult:
+             retry: RetryPolicy | None = None, retries: RetryStats | None = None,
+             before_chunk: Callable[[Callable[[], bool]], None] | None = None) -> LoopResult:
     """Run ``step`` until it returns None (no more rows) or the loop must stop.
 
     A step that fails transiently is retried (``retry``) from the same checkpoint:
     its transaction rolled back, so nothing of the failed attempt remains.
+    ``before_chunk(should_stop)`` runs before each chunk and may wait (for a lagging
+    replica, say) as long as ``should_stop()`` is false.
     """
     stop = stop if stop is not None else StopFlag()
     policy = retry or RetryPolicy()
@@ -158,13 +161,22 @@ def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
     cp = start
     t0 = time.monotonic()
     rows = nbytes = chunks = 0
+    def out_of_time() -> bool:
+        return pacing.max_runtime is not None and time.monotonic() - t0 >= pacing.max_runtime
+
+    waited = False
     while True:
         if stop:
             return LoopResult(Status.STOPPED, cp, chunks, rows, nbytes, sizer.size,
                               f"stopped at a chunk boundary ({stop.reason}); rerun to resume")
-        if pacing.max_runtime is not None and time.monotonic() - t0 >= pacing.max_runtime:
+        if out_of_time():
             return LoopResult(Status.STOPPED, cp, chunks, rows, nbytes, sizer.size,
                               f"stopped after --max-runtime {pacing.max_runtime:g}s; rerun to resume")
+        if before_chunk is not None and not waited:
+            before_chunk(lambda: bool(stop) or out_of_time())
+            waited = True
+            continue  # the wait may have run out the time, or been asked to stop
+        waited = False
         size = sizer.next_size()
         c0 = time.monotonic()
         try:

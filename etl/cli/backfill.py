@@ -20,6 +20,11 @@ from .common import job_options, render
                    "it (trusted operator input).")
 @click.option("--key", metavar="COL[,COL…]",
               help="Ordered column(s) to cut chunks on (default: the primary key).")
+@click.option("--replica", metavar="URL",
+              help="A streaming replica of the target: before each chunk, wait while it lags "
+                   "more than --max-lag.")
+@click.option("--max-lag", default="30s", show_default=True, metavar="DURATION",
+              help="With --replica: the replay lag beyond which chunks wait.")
 @job_options(without=("max_errors", "max_error_rate"))  # a backfill has no dead letters
 def backfill(**kw: object) -> None:
     """Update a live PostgreSQL table in short, resumable chunks (a chunked UPDATE).
