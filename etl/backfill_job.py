@@ -57,9 +57,7 @@ class BackfillSpec:
 
     @property
     def settings(self) -> dict[str, str]:
-        if self.lock_timeout is None:
-            return {}
-        return {"lock_timeout": f"{max(int(self.lock_timeout * 1000), 1)}ms"}
+        return pg.lock_timeout_settings(self.lock_timeout)
 
     def args(self) -> dict[str, Any]:
         return {"target": self.target.masked, "table": str(self.table), "set": self.set_sql,

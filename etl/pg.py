@@ -60,6 +60,13 @@ def connect(url: DbUrl, role: str, *, autocommit: bool = False,
     return conn
 
 
+def lock_timeout_settings(seconds: float | None) -> dict[str, str]:
+    """Session settings that bound each wait for a lock (``--lock-timeout``; None: none)."""
+    if seconds is None:
+        return {}
+    return {"lock_timeout": f"{max(int(seconds * 1000), 1)}ms"}
+
+
 def describe_error(exc: BaseException, url: DbUrl | None = None) -> str:
     """One line for a driver error: SQLSTATE, message and the server's detail/hint, masked."""
     text = " ".join(str(exc).split())  # libpq's text already carries DETAIL, HINT and CONTEXT

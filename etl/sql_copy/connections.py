@@ -79,9 +79,8 @@ class Databases:
         return self._connect(self.spec.target, "target", reconnect)
 
     def target_pg(self, reconnect: bool = False) -> Any:
-        settings = {} if self.spec.lock_timeout is None else \
-            {"lock_timeout": f"{max(int(self.spec.lock_timeout * 1000), 1)}ms"}
-        return pg.connect(self.spec.target, "target", autocommit=True, settings=settings,
+        return pg.connect(self.spec.target, "target", autocommit=True,
+                          settings=pg.lock_timeout_settings(self.spec.lock_timeout),
                           reconnect=reconnect)
 
     def dispose(self) -> None:

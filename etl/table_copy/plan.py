@@ -72,9 +72,7 @@ class CopySpec:
     @property
     def target_settings(self) -> dict[str, str]:
         """Session settings of the target connection: how long a chunk waits for a lock."""
-        if self.lock_timeout is None:
-            return {}
-        return {"lock_timeout": f"{max(int(self.lock_timeout * 1000), 1)}ms"}
+        return pg.lock_timeout_settings(self.lock_timeout)
 
     def args(self) -> dict[str, Any]:
         """The job's arguments as stored in the state store (URLs masked)."""
