@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -190,3 +192,26 @@ def make_mariadb_db(mariadb_url: str) -> Iterator[Callable[[str], str]]:
     with connect() as conn, conn.cursor() as cur:
         for name in created:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+def release_once_waited_for(holder: psycopg.Connection, url: str, *,
+                            after: float = 0.5, timeout: float = 30) -> threading.Thread:
+    """End ``holder``'s transaction (its locks) once an etl session has been seen waiting for
+    a lock in ``url``'s server, ``after`` seconds later — not after a fixed time, which a slow
+    start of the etl process could outlast. Started already; join it."""
+    def release() -> None:
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(url, autocommit=True) as watcher:
+            while time.monotonic() < deadline:
+                row = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'etl:%' "
+                    "AND wait_event_type = 'Lock'").fetchone()
+                if row and row[0]:
+                    break
+                time.sleep(0.01)
+        time.sleep(after)
+        holder.rollback()
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    return thread

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import psycopg
 import pytest
 
 import etl
-from tests.conftest import execute, run_etl, scalar
+from tests.conftest import execute, release_once_waited_for, run_etl, scalar
 
 ROWS = 20_000
 
@@ -92,8 +91,7 @@ def test_row_lock_is_waited_out_then_retried(dst: str) -> None:
     _table(dst, 3000)
     holder = psycopg.connect(dst)
     holder.execute("SELECT * FROM ev WHERE id = 1500 FOR UPDATE")  # another session's row lock
-    release = threading.Timer(1.0, holder.rollback)
-    release.start()
+    release = release_once_waited_for(holder, dst)
     try:
         proc = run_etl("backfill", "--target", dst, "--table", "ev", "--set", "n = n * 2",
                        "--chunk-size", "1000", "--lock-timeout", "200ms", "--retries", "8",

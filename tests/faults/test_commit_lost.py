@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from tests.conftest import execute, fingerprint, run_etl, scalar
+from tests.conftest import execute, fingerprint, release_once_waited_for, run_etl, scalar
 from tests.faults.commit_proxy import CommitDropper
 
 pytestmark = pytest.mark.timeout(120)
@@ -105,7 +105,6 @@ def test_a_retry_of_a_restarts_first_chunk_does_not_take_the_old_checkpoint(
         src: str, dst: str) -> None:
     """--restart keeps the old checkpoint until its first chunk commits; when that chunk is
     retried, the stored checkpoint is the old run's, not a sign that the chunk went in."""
-    import threading
 
     _tables(src, dst)
     first = run_etl("copy", "--source", src, "--target", dst, "--table", "ev", "--no-progress")
@@ -113,8 +112,7 @@ def test_a_retry_of_a_restarts_first_chunk_does_not_take_the_old_checkpoint(
     execute(dst, "TRUNCATE ev")
     holder = psycopg.connect(dst)
     holder.execute("LOCK TABLE ev IN ACCESS EXCLUSIVE MODE")  # the first attempt times out
-    release = threading.Timer(1.0, holder.rollback)
-    release.start()
+    release = release_once_waited_for(holder, dst)
     try:
         proc = run_etl("copy", "--source", src, "--target", dst, "--table", "ev", "--restart",
                        "--chunk-size", "5000", "--lock-timeout", "200ms", "--retries", "8",

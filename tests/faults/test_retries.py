@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,15 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import db_url, etl_cmd, execute, fingerprint, run_etl, scalar
+from tests.conftest import (
+    db_url,
+    etl_cmd,
+    execute,
+    fingerprint,
+    release_once_waited_for,
+    run_etl,
+    scalar,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -122,8 +129,7 @@ def test_lock_held_by_another_session_is_waited_out(src: str, dst: str) -> None:
     execute(dst, "CREATE TABLE ev (id bigint PRIMARY KEY, body text, n numeric(10,2))")
     holder = psycopg.connect(dst)
     holder.execute("LOCK TABLE ev IN ACCESS EXCLUSIVE MODE")  # e.g. a migration in progress
-    release = threading.Timer(1.0, holder.rollback)
-    release.start()
+    release = release_once_waited_for(holder, dst)
     try:
         proc = run_etl("copy", "--source", src, "--target", dst, "--table", "ev", "--json",
                        "--no-progress", "--lock-timeout", "200ms", "--retries", "8",
