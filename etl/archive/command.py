@@ -15,6 +15,7 @@ from ..runner import DEFAULT_CHUNK_SECONDS, StopFlag, stop_on_signals
 from ..state.schema import DEFAULT_SCHEMA
 from ..table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS
 from ..urls import DbUrl, parse
+from .files import check_format
 from .plan import Action, ArchiveSpec
 
 if TYPE_CHECKING:
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 
 
 def archive(*, table: str, where: str, source: str | DbUrl | None = None,
-            to: str | DbUrl | None = None, to_table: str | None = None, purge: bool = False,
+            to: str | DbUrl | None = None, to_table: str | None = None,
+            to_dir: str | Path | None = None, format: str | None = None, purge: bool = False,
             no_delete: bool = False, key: str | list[str] | None = None, create: bool = True,
             job: str | None = None, state: str | DbUrl | None = None,
             state_schema: str = DEFAULT_SCHEMA, chunk_size: int | str | None = "auto",
@@ -40,6 +42,9 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
     with ``to`` in another PostgreSQL database (each chunk is written there idempotently and
     committed, then deleted from the source with the checkpoint: a crash in between leaves
     the rows in both, and the rerun keeps the archive's identical copies and deletes them).
+    ``to_dir`` writes each chunk to a file in that directory instead (``format`` ``parquet``,
+    the default, or ``csv``): fsynced and renamed, listed in the directory's manifest with its
+    rows and sha256, and only then deleted from the source with the checkpoint.
     ``purge=True`` deletes without archiving; ``no_delete=True`` archives without deleting.
     A missing archive table is created from the source's definition (``create=False``
     refuses instead).
@@ -71,13 +76,20 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
     if purge and no_delete:
         raise UsageError("--purge deletes without archiving and --no-delete archives without "
                          "deleting: give one of them")
-    if purge and (to or to_table):
-        raise UsageError("--purge deletes the rows without archiving them: drop --to/--to-table, "
-                         "or drop --purge to archive them")
-    if not purge and not to and not to_table:
+    if purge and (to or to_table or to_dir):
+        raise UsageError("--purge deletes the rows without archiving them: drop --to/--to-table/"
+                         "--to-dir, or drop --purge to archive them")
+    if to_dir and (to or to_table):
+        raise UsageError("--to-dir writes the rows to files: drop --to/--to-table, or drop "
+                         "--to-dir to archive into a table")
+    if format and not to_dir:
+        raise UsageError("--format is the format of --to-dir files: add --to-dir DIR, or drop "
+                         "--format")
+    if not purge and not to and not to_table and not to_dir:
         raise UsageError("say where the rows go: --to-table T (a table in the same database), "
-                         "--to URL [--to-table T] (another PostgreSQL database), or --purge "
-                         "(delete them)")
+                         "--to URL [--to-table T] (another PostgreSQL database), --to-dir DIR "
+                         "[--format parquet|csv] (files), or --purge (delete them)")
+    file_format = check_format(format) if to_dir else "parquet"
     action = Action.PURGE if purge else Action.NO_DELETE if no_delete else Action.MOVE
     pacing = opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime)
     retry = opt.retry_policy(retries, retry_max_wait)
@@ -88,14 +100,19 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
         if not url.is_postgres:
             raise UsageError(f"{option} {url.masked}: etl archive works on PostgreSQL for now "
                              "(MariaDB/MySQL destinations and files come later)")
+    if to_dir and not state_url.same_database(src):
+        raise UsageError(f"--to-dir needs the state store in the source database (drop --state "
+                         f"{state_url.masked}): each chunk's checkpoint must commit with its "
+                         "delete, or a crash in between could not tell which files are archived")
     src_table = TableName.parse(table)
-    archive_table = None if purge else TableName.parse(to_table) if to_table else src_table
+    archive_table = None if purge or to_dir else TableName.parse(to_table) if to_table else src_table
     spec = ArchiveSpec(
         source=src, dest=dest, state=state_url, table=src_table, archive_table=archive_table,
         job_id=job or f"archive:{src_table}", where=where, action=action,
         key=opt.parse_names(key, "--key"), create=create, restart=restart, pacing=pacing,
         retry=retry, lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
-        state_schema=state_schema)
+        state_schema=state_schema, to_dir=Path(to_dir) if to_dir else None,
+        file_format=file_format)
     if report:
         opt.check_report_path(report)
     prog = progress_for(progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import catalog, table_copy
@@ -58,6 +59,8 @@ class ArchiveSpec:
     retry: RetryPolicy = RetryPolicy()
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT_SECONDS
     state_schema: str = "etl"
+    to_dir: Path | None = None       # --to-dir: chunk files instead of an archive table
+    file_format: str = "parquet"     # --format, with --to-dir
 
     @property
     def same_database(self) -> bool:
@@ -83,6 +86,8 @@ class ArchiveSpec:
             "where": self.where, "action": self.action.value, "key": list(self.key or ()),
             "create": self.create, "pacing": dataclasses.asdict(self.pacing),
             "retry": dataclasses.asdict(self.retry), "lock_timeout": self.lock_timeout,
+            **({"to_dir": str(self.to_dir), "format": self.file_format}
+               if self.to_dir is not None else {}),
         }
 
 
@@ -115,9 +120,12 @@ class ArchivePlan:
             return q.delete_sql(has_lower)
         rows = q.select_sql(has_lower) if action is Action.NO_DELETE else \
             q.delete_sql(has_lower, returning=True)
+        from psycopg import sql
+
+        if self.spec.to_dir is not None:  # files: PostgreSQL's own CSV, parsed by type later
+            return sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER)").format(rows)
         if self.spec.same_database:
             return self.merge_sql(rows)
-        from psycopg import sql
 
         return sql.SQL("COPY ({}) TO STDOUT (FORMAT {})").format(
             rows, sql.SQL("binary" if self.copy.binary else "text"))
@@ -223,12 +231,20 @@ def describe_plan(plan: ArchivePlan, resume_after: list[Any] | None, remaining: 
     to = {Action.PURGE: "nowhere (--purge: deleted only)"}.get(
         spec.action, f"{spec.dest.masked}  table {spec.archive_table}"
         + ("" if plan.copy.target_exists else "  (missing: would be created)"))
+    if spec.to_dir is not None:
+        from .files import job_prefix
+
+        to = (f"{spec.to_dir}  {spec.file_format} files {job_prefix(spec.job_id)}.wNNNN.NNNNNN."
+              f"{spec.file_format}, manifest {job_prefix(spec.job_id)}.manifest.json"
+              + ("" if spec.to_dir.is_dir() else "  (directory missing: would be created)"))
     lines = [
         f"job:          {spec.job_id}",
         f"source:       {spec.source.masked}  table {spec.table}",
         f"archive to:   {to}",
         f"action:       {spec.action.value}"
         + ("" if spec.action is not Action.MOVE else
+           "  (one source transaction: delete; file fsynced and renamed, manifest written; "
+           "then the delete commits with the checkpoint)" if spec.to_dir is not None else
            "  (one source transaction: delete + archive + checkpoint)" if spec.same_database
            else "  (archive committed first, then delete + checkpoint in the source)"),
         f"where:        {spec.where}",
@@ -246,7 +262,7 @@ def describe_plan(plan: ArchivePlan, resume_after: list[Any] | None, remaining: 
         lines.append(f"rows matching: {about}{remaining:,}; chunk size auto: starts at "
                      f"{chunk_size:,} rows ({about}{chunks:,} chunk(s) at that size) and adapts "
                      f"toward {spec.pacing.chunk_seconds:g} s a chunk")
-    if plan.copy.ddl and spec.action is not Action.PURGE:
+    if plan.copy.ddl and spec.action is not Action.PURGE and spec.to_dir is None:
         lines.append("archive DDL:")
         lines.extend(f"  {stmt};" for stmt in plan.copy.ddl)
     has_lower = resume_after is not None

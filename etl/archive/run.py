@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -13,8 +14,9 @@ from ..report import Result, utc_now
 from ..runner import AUTO_FIRST_CHUNK, StopFlag
 from ..sources.pg import PgKeysetSource
 from ..state.store import read_checkpoint, write_checkpoint
+from . import files
 from .plan import Action, ArchivePlan, describe_plan
-from .step import ArchiveStep
+from .step import ArchiveStep, FilesOut
 
 if TYPE_CHECKING:
     import psycopg
@@ -27,6 +29,12 @@ log = logging.getLogger(__name__)
 
 def _metadata(plan: ArchivePlan) -> dict[str, Any]:
     spec = plan.spec
+    if spec.to_dir is not None:
+        return {"source": spec.source.masked, "target": str(spec.to_dir),
+                "format": spec.file_format, "archive_table": None, "state": spec.state.masked,
+                "action": spec.action.value, "where": spec.where,
+                "chunk_size": spec.pacing.chunk_size or "auto",
+                "key": [k.name for k in plan.copy.key]}
     return {"source": spec.source.masked,
             "target": None if spec.action is Action.PURGE else spec.dest.masked,
             "archive_table": str(spec.archive_table) if spec.archive_table else None,
@@ -49,6 +57,42 @@ def _start(plan: ArchivePlan, run: JobRun) -> tuple[Checkpoint, bool]:
     return Checkpoint(job_id=spec.job_id, chunk_index=0, last_key=None, run_id=run.run_id), False
 
 
+def _start_files(plan: ArchivePlan, run: JobRun) -> tuple[Checkpoint, bool, files.Manifest]:
+    """--to-dir: reconcile DIR with the stored checkpoint, then where this run starts.
+
+    The stored checkpoint (walk, chunk) is the last chunk whose delete committed: manifest
+    entries past it are of chunks that did not commit (their rows are still in the source)
+    and go, with their files; so do temporary files and chunk files the manifest does not
+    list. A new walk (a first run, a run after a finished one, --restart) gets the next walk
+    number, committed in the checkpoint before its first file is written, so its files never
+    take an earlier walk's names and a crash before its first commit is reconciled too."""
+    spec = plan.spec
+    assert spec.to_dir is not None
+    found = read_checkpoint(run.store.conn, spec.job_id, spec.state_schema)
+    stored = found[0] if found is not None else None
+    stored_walk = (stored.watermark or {}).get(files.WALK_KEY) if stored is not None else None
+    files.ensure_dir(spec.to_dir)
+    manifest = files.Manifest(spec.to_dir, spec.job_id, str(spec.table)).load()
+    if stored is not None and isinstance(stored_walk, int):
+        for e in manifest.drop_after(stored_walk, stored.chunk_index):
+            log.info("removed %s: its chunk did not commit (its rows are still in %s)",
+                     e.file, spec.table)
+    elif manifest.entries:
+        # no walk stored (the state was reset): remove nothing, start a walk of its own
+        log.warning("%s lists files but job %s has no stored checkpoint with its walk; they are "
+                    "kept as they are", manifest.path, spec.job_id)
+    for name in manifest.clean():
+        log.info("removed %s left by an interrupted run", name)
+    cp, resuming = _start(plan, run)
+    if resuming and isinstance((cp.watermark or {}).get(files.WALK_KEY), int):
+        return cp, resuming, manifest
+    walk = max(stored_walk if isinstance(stored_walk, int) else 0, manifest.last_walk) + 1
+    cp = dataclasses.replace(cp, watermark={files.WALK_KEY: walk}, run_id=run.run_id)
+    with run.store.conn.transaction():
+        write_checkpoint(run.store.conn, cp, schema=spec.state_schema)
+    return cp, resuming, manifest
+
+
 def execute(plan: ArchivePlan, run: JobRun, sconn: psycopg.Connection,
             dconn: psycopg.Connection | None, *, progress: Progress,
             stop: StopFlag | None = None, report_path: str | None = None) -> Result:
@@ -60,11 +104,18 @@ def execute(plan: ArchivePlan, run: JobRun, sconn: psycopg.Connection,
     result.artifacts["report"] = report_path
 
     def start() -> lifecycle.Start:
-        if spec.action is not Action.PURGE:
-            table_copy.prepare_target(dconn or sconn, plan.copy)
-        cp, resuming = _start(plan, run)
+        out = None
+        if spec.to_dir is not None:
+            cp, resuming, manifest = _start_files(plan, run)
+            out = FilesOut(manifest)
+            result.artifacts["manifest"] = str(manifest.path)
+            result.artifacts["output_files"] = out.written  # filled as chunks commit
+        else:
+            if spec.action is not Action.PURGE:
+                table_copy.prepare_target(dconn or sconn, plan.copy)
+            cp, resuming = _start(plan, run)
         remaining, exact = table_copy.count_remaining(sconn, plan.copy, cp.last_key)
-        return lifecycle.Start(ArchiveStep(plan, sconn, dconn, run), cp, resuming,
+        return lifecycle.Start(ArchiveStep(plan, sconn, dconn, run, out), cp, resuming,
                                f"archive {spec.table}", remaining, exact)
 
     def finish(begun: lifecycle.Start, cp: Checkpoint) -> None:
@@ -92,7 +143,8 @@ def dry_run(plan: ArchivePlan, sconn: psycopg.Connection) -> Result:
                 found = read_checkpoint(stconn, spec.job_id, spec.state_schema)
         except EtlError:
             found = None
-        if found is not None and (not found[1] or spec.action is Action.NO_DELETE):
+        if found is not None and (not found[1] or spec.action is Action.NO_DELETE) \
+                and found[0].last_key is not None:
             cp = found[0]
             resume_after = cp.last_key_json
     after = cp.last_key if cp else None
@@ -125,7 +177,8 @@ def _explain_first(plan: ArchivePlan, reader: PgKeysetSource, after: tuple[str, 
         if bound is None:
             return None, []
         stmt = plan.chunk_sql(after is not None)
-        if spec.action is not Action.PURGE and (not spec.same_database or plan.copy.ddl):
+        if spec.action is not Action.PURGE and (not spec.same_database or plan.copy.ddl
+                                                or spec.to_dir is not None):
             # the COPY wraps the DELETE (or SELECT), and an archive table yet to be created
             # cannot be planned: EXPLAIN the source's part of the chunk
             stmt = (q.select_sql(after is not None) if spec.action is Action.NO_DELETE

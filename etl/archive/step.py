@@ -12,6 +12,11 @@ copied are exactly the rows deleted (one statement), a foreign key refusing the 
 stops the chunk before anything is written elsewhere, and a crash between the two commits
 leaves the rows in both databases: the rerun deletes them again, finds their identical
 copies in the archive and keeps those — never a row lost, never one archived twice.
+
+Files (--to-dir): the source transaction deletes (or selects) the chunk's rows with
+``COPY (…) TO STDOUT (FORMAT csv, HEADER)``; they are written to the chunk's file, which is
+fsynced and renamed, its manifest entry written (``etl.archive.files``), and only then does
+the source transaction commit the delete with the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import pg
@@ -30,7 +35,8 @@ from ..report import utc_now
 from ..runner import StepOutcome
 from ..sinks.pg_copy import PgCopySink
 from ..sources.pg import COPY_BLOCK_BYTES, Bound, PgKeysetSource
-from ..state.store import committed_after_all, write_checkpoint
+from ..state.store import committed_after_all, schema_sql, write_checkpoint
+from . import files
 from .plan import STAGE_TABLE, Action, ArchivePlan
 
 if TYPE_CHECKING:
@@ -51,6 +57,16 @@ class _Done:
     already: int = 0
     bytes: int = 0
     checksum: str | None = None
+    file: str | None = None  # --to-dir: the chunk's file (None when no row matched)
+
+
+@dataclass
+class FilesOut:
+    """Where a --to-dir job's chunks go: the manifest (loaded and reconciled when the run
+    started) and the files this run's committed chunks wrote (the report's artifacts)."""
+
+    manifest: files.Manifest
+    written: list[str] = field(default_factory=list)
 
 
 class ArchiveStep:
@@ -61,10 +77,13 @@ class ArchiveStep:
     """
 
     def __init__(self, plan: ArchivePlan, sconn: psycopg.Connection,
-                 dconn: psycopg.Connection | None, run: JobRun) -> None:
+                 dconn: psycopg.Connection | None, run: JobRun,
+                 files_out: FilesOut | None = None) -> None:
         self.plan = plan
+        self.files_out = files_out
         self.run = run
         self.longest_transaction = 0.0  # seconds, of the longest source transaction
+        self._attempting: int | None = None  # the chunk (after index …) last attempted
         self._use_source(sconn)
         self._use_dest(dconn)
 
@@ -107,7 +126,14 @@ class ArchiveStep:
         spec = self.plan.spec
         self.ensure_connected()
         conn = self.sconn if spec.state_in_source else self.run.store.conn
-        return committed_after_all(conn, spec.job_id, self.run.run_id, cp, spec.state_schema)
+        stored = committed_after_all(conn, spec.job_id, self.run.run_id, cp, spec.state_schema)
+        if stored is not None and self.files_out is not None:  # its file is archived: report it
+            out = self.files_out
+            entry = out.manifest.entries.get((self._walk(stored), stored.chunk_index))
+            path = str(out.manifest.dir / entry.file) if entry is not None else None
+            if path is not None and path not in out.written:
+                out.written.append(path)
+        return stored
 
     def metadata(self) -> dict[str, Any]:
         return {"longest_transaction_seconds": round(self.longest_transaction, 3)}
@@ -123,14 +149,22 @@ class ArchiveStep:
         spec = self.plan.spec
         self.ensure_connected()
         t0 = time.monotonic()
+        retry, self._attempting = self._attempting == cp.chunk_index, cp.chunk_index
         try:
             with self.sconn.transaction():
+                if self.files_out is not None:
+                    if retry:
+                        self._hold_checkpoint(cp)
+                    # entries past the checkpoint are of attempts that did not commit
+                    self.files_out.manifest.drop_after(self._walk(cp), cp.chunk_index)
                 bound = self.source.next_bound(cp.last_key, size)
                 if bound is None:
                     return None
                 params = self.plan.query.params(cp.last_key, bound.text)
                 has_lower = cp.last_key is not None
-                if self.dconn is None:
+                if self.files_out is not None:
+                    done = self._to_files(has_lower, params, cp, bound)
+                elif self.dconn is None:
                     done = self._in_source(has_lower, params)
                 else:
                     done = self._to_destination(has_lower, params, cp, bound)
@@ -142,6 +176,10 @@ class ArchiveStep:
             raise self._refused(exc, cp) from exc
         finally:
             self.longest_transaction = max(self.longest_transaction, time.monotonic() - t0)
+        if self.files_out is not None and done.file is not None:
+            path = str(self.files_out.manifest.dir / done.file)
+            if path not in self.files_out.written:  # committed: the file is the archive now
+                self.files_out.written.append(path)
         if not spec.state_in_source:
             # the chunk is committed; a crash before this leaves an older checkpoint, and the
             # rerun walks the chunk's range again: its rows are gone from the source (or, with
@@ -187,6 +225,66 @@ class ArchiveStep:
         log.debug("chunk %d: %d rows committed in the archive after key %s", cp.chunk_index + 1,
                   done.rows, cp.last_key_json)
         return done
+
+    def _hold_checkpoint(self, cp: Checkpoint) -> None:
+        """Files, retrying a chunk: lock the job's checkpoint row and check it is still ``cp``
+        before anything past it is removed. The lock waits for a transaction of an earlier attempt that may
+        still be committing on the server (its connection lost): if it did commit, its file
+        is the archive of rows now deleted and must stay — the chunk is retried, and the
+        retry's ``committed()`` finds the checkpoint."""
+        spec = self.plan.spec
+        row = self.sconn.execute(schema_sql(spec.state_schema, """
+            SELECT chunk_index FROM {s}.checkpoints WHERE job_id = %s AND partition = ''
+            FOR UPDATE"""), (spec.job_id,)).fetchone()
+        if row is None or int(row[0]) != cp.chunk_index:
+            raise files.CheckpointMoved(
+                f"the checkpoint of {spec.job_id} is at chunk {row[0] if row else None}, not "
+                f"{cp.chunk_index}: an earlier attempt committed after all; retrying")
+
+    @staticmethod
+    def _walk(cp: Checkpoint) -> int:
+        walk = (cp.watermark or {}).get(files.WALK_KEY)
+        assert isinstance(walk, int), "a --to-dir run starts from a checkpoint with its walk"
+        return walk
+
+    def _to_files(self, has_lower: bool, params: dict[str, Any], cp: Checkpoint,
+                  bound: Bound) -> _Done:
+        """Files: the rows the source statement deletes (or selects) go to the chunk's file,
+        fsynced and renamed, then to the manifest; the caller commits the source after."""
+        assert self.files_out is not None
+        spec, manifest = self.plan.spec, self.files_out.manifest
+        walk, index = self._walk(cp), cp.chunk_index + 1
+        final = manifest.dir / files.chunk_file_name(manifest.prefix, walk, index,
+                                                     spec.file_format)
+        for name, value in files.COPY_SETTINGS.items():  # exact, parseable text output
+            self.sconn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        spool = files.temp_path(final, ".csv" if spec.file_format == "parquet" else "")
+        try:
+            with self.sconn.cursor() as cur:
+                with cur.copy(self.plan.chunk_sql(has_lower), params) as copy:
+                    size, sha = files.spool(spool, iter(lambda: bytes(copy.read()), b""))
+                rows = cur.rowcount  # from the server's "COPY n", once the copy is over
+            if rows < 0:  # pragma: no cover - psycopg sets it after COPY TO
+                raise TargetError("the server did not say how many rows COPY sent")
+            if rows == 0:
+                return _Done(rows=0)
+            if spec.file_format == "csv":
+                files.publish(spool, final)
+                written = files.Written(rows=rows, bytes=size, sha256=sha)
+            else:
+                written = files.csv_to_parquet(spool, final, self.plan.columns)
+                if written.rows != rows:  # pragma: no cover - the CSV holds what COPY sent
+                    raise TargetError(f"wrote {written.rows} rows to {final} but COPY sent {rows}")
+        finally:
+            spool.unlink(missing_ok=True)
+        manifest.put(files.Entry(
+            file=final.name, format=spec.file_format, walk=walk, chunk_index=index,
+            after_key=cp.last_key_json if cp.last_key is not None else None,
+            up_to_key=bound.json, rows=rows, bytes=written.bytes, sha256=written.sha256,
+            written_at=utc_now(), run_id=self.run.run_id))
+        log.debug("chunk %d: %d rows in %s", index, rows, final)
+        return _Done(rows=rows, inserted=rows, bytes=written.bytes, checksum=written.sha256,
+                     file=final.name)
 
     def _rows_out(self, copy_sql: Any, params: dict[str, Any]) -> Iterator[bytes]:
         """The source statement's rows as COPY data, in blocks of about COPY_BLOCK_BYTES."""

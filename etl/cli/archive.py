@@ -24,6 +24,13 @@ from .common import job_options, render
 @click.option("--to-table", metavar="[SCHEMA.]TABLE",
               help="The archive table (default with --to: the same name as --table). Created "
                    "from the source's definition when missing.")
+@click.option("--to-dir", metavar="DIR",
+              help="Archive into files in DIR instead of a table: one file a chunk "
+                   "(<job>.wNNNN.NNNNNN.parquet|csv), fsynced and renamed, listed in "
+                   "DIR/<job>.manifest.json with rows and sha256, before its rows are deleted.")
+@click.option("--format", "format", type=click.Choice(["parquet", "csv"]), default=None,
+              help="Format of the --to-dir files (default parquet: exact column types; csv: "
+                   "PostgreSQL's CSV with a header).")
 @click.option("--purge", is_flag=True, help="Delete the matching rows without archiving them.")
 @click.option("--no-delete", is_flag=True,
               help="Archive the matching rows without deleting them (checkpointed: a rerun "
@@ -47,7 +54,9 @@ def archive(**kw: object) -> None:
     and the checkpoint commits with it. Into another database (--to), each chunk is written
     there idempotently and committed, then deleted from the source with the checkpoint; a
     crash in between leaves the rows in both and the rerun finishes the move — no row is
-    lost or archived twice. Short transactions (--chunk-seconds, --lock-timeout, --sleep,
+    lost or archived twice. Into files (--to-dir), each chunk's file is fsynced, renamed and
+    listed in the manifest before its delete commits; a rerun rewrites a chunk that did not
+    commit under the same name. Short transactions (--chunk-seconds, --lock-timeout, --sleep,
     --max-rate) keep the table usable while the job runs; a second run of the same job
     exits 75, so cron runs never overlap.
 
@@ -59,6 +68,9 @@ def archive(**kw: object) -> None:
       etl archive --source postgresql://app@db1/prod --table public.events \\
                   --where "created_at < now() - interval '1 year'" \\
                   --to postgresql://app@db9/cold --to-table public.events
+      etl archive --source postgresql://app@db1/prod --table public.events \\
+                  --where "created_at < now() - interval '1 year'" \\
+                  --to-dir /srv/archive/events --format parquet
       etl archive --table public.sessions --where "expires_at < now()" --purge
 
     \b
