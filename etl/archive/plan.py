@@ -130,6 +130,20 @@ class ArchivePlan:
         return sql.SQL("COPY ({}) TO STDOUT (FORMAT {})").format(
             rows, sql.SQL("binary" if self.copy.binary else "text"))
 
+    def move_sql(self, has_lower: bool) -> sqlmod.Composed:
+        """Same database, the usual case: ``WITH moved AS (DELETE … RETURNING …) INSERT INTO
+        archive SELECT … FROM moved`` — no conflict handling and no counts, which cost a third
+        of the statement's time (bench/archive_pg.py). Delete, insert and checkpoint are one
+        transaction, so the archive can hold one of these keys only if it did before the job
+        (an earlier --no-delete, rows put there by hand): the insert then fails with a unique
+        violation, and the chunk falls back to ``merge_sql``, which sorts that out."""
+        from psycopg import sql
+
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
+        return sql.SQL("WITH moved AS ({rows}) INSERT INTO {arch} ({cols}) SELECT {cols} "
+                       "FROM moved").format(rows=self.query.delete_sql(has_lower, returning=True),
+                                            arch=self._archive_ident(), cols=cols)
+
     def merge_sql(self, rows: sqlmod.Composable) -> sqlmod.Composed:
         """Insert ``rows`` (a statement returning the columns) into the archive, keeping a
         row whose key it holds already; returns (rows, inserted, already there identical).

@@ -83,6 +83,7 @@ class ArchiveStep:
         self.files_out = files_out
         self.run = run
         self.longest_transaction = 0.0  # seconds, of the longest source transaction
+        self._plain_move = True  # same database: the plain statement until a key is met twice
         self._attempting: int | None = None  # the chunk (after index …) last attempted
         self._use_source(sconn)
         self._use_dest(dconn)
@@ -190,9 +191,22 @@ class ArchiveStep:
 
     def _in_source(self, has_lower: bool, params: dict[str, Any]) -> _Done:
         """Same database: one statement does the chunk (purge: the DELETE alone)."""
+        import psycopg
+
         stmt = self.plan.chunk_sql(has_lower)
         if self.plan.spec.action is Action.PURGE:
             return _Done(rows=max(self.sconn.execute(stmt, params).rowcount, 0))
+        if self.plan.spec.action is Action.MOVE and self._plain_move:
+            try:
+                with self.sconn.transaction():  # a savepoint: the fallback starts from before it
+                    moved = max(self.sconn.execute(self.plan.move_sql(has_lower), params).rowcount, 0)
+                return _Done(rows=moved, inserted=moved)
+            except psycopg.errors.UniqueViolation:
+                # the archive held some of these keys before the job: compare them (and stay
+                # on the careful statement: such rows tend to come in runs)
+                log.info("the archive already holds some keys of this chunk: moving rows with "
+                         "the statement that keeps identical copies from now on")
+                self._plain_move = False
         row = self.sconn.execute(stmt, params).fetchone()
         assert row is not None
         done = _Done(rows=int(row[0]), inserted=int(row[1]), already=int(row[2]))
