@@ -13,6 +13,7 @@ from . import options as opt
 from .errors import UsageError
 from .model import Mode, TableName
 from .progress import progress_for
+from .replica import DEFAULT_MAX_LAG_SECONDS
 from .report import Result
 from .retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS
 from .runner import DEFAULT_CHUNK_SECONDS, StopFlag, stop_on_signals
@@ -20,10 +21,6 @@ from .state.schema import DEFAULT_SCHEMA
 from .table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS
 from .thresholds import DEFAULT_MAX_ERROR_RATE, ErrorLimits
 from .urls import DbUrl, parse
-
-# --max-lag: how far behind a --replica may be before chunks wait (pt-archiver's default is 1 s;
-# 30 s lets a busy replica breathe without stalling the job on every small hiccup)
-DEFAULT_MAX_LAG_SECONDS = 30.0
 
 if TYPE_CHECKING:
     import psycopg

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# --max-lag: how far behind a --replica may be before chunks wait (pt-archiver's default is
+# 1 s; 30 s lets a busy replica breathe without stalling the job at every small hiccup)
+DEFAULT_MAX_LAG_SECONDS = 30.0
 # How often a lagging replica is asked again (short: a caught-up replica frees the job
 # at once; the query is a few catalog functions).
 POLL_SECONDS = 0.25

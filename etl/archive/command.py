@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from .. import options as opt
 from ..errors import UsageError
 from ..model import TableName
+from ..replica import DEFAULT_MAX_LAG_SECONDS
 from ..report import Result
 from ..retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS
 from ..runner import DEFAULT_CHUNK_SECONDS, StopFlag, stop_on_signals
@@ -33,6 +34,8 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
             retries: int = DEFAULT_RETRIES,
             retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
             lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
+            replica: str | DbUrl | None = None,
+            max_lag: str | float = DEFAULT_MAX_LAG_SECONDS,
             dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
             progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
     """Move the rows of ``table`` matching ``where`` into an archive table, in keyset chunks.
@@ -126,10 +129,11 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
             plan = make_plan(spec, sconn, dconn)
             if dry_run:
                 return plan_only(plan, sconn)
+            guard = api.replica_guard(replica, max_lag)  # --replica: chunks wait while it lags
             with JobRun(state_url, spec.job_id, "archive", spec.args(),
                         schema=state_schema) as run:
                 result = execute(plan, run, sconn, dconn, progress=prog, stop=stop,
-                                 report_path=str(report) if report else None)
+                                 report_path=str(report) if report else None, replica=guard)
         finally:
             sconn.close()
             if dconn is not None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from ..jobrun import JobRun
     from ..progress import Progress
+    from ..replica import ReplicaGuard
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,10 @@ def _start_files(plan: ArchivePlan, run: JobRun) -> tuple[Checkpoint, bool, file
 
 def execute(plan: ArchivePlan, run: JobRun, sconn: psycopg.Connection,
             dconn: psycopg.Connection | None, *, progress: Progress,
-            stop: StopFlag | None = None, report_path: str | None = None) -> Result:
-    """Run the planned job under ``run`` (lock held). Failures end in the Result, not raised."""
+            stop: StopFlag | None = None, report_path: str | None = None,
+            replica: ReplicaGuard | None = None) -> Result:
+    """Run the planned job under ``run`` (lock held). Failures end in the Result, not raised;
+    ``replica`` holds each chunk back while a streaming standby lags (``etl.replica``)."""
     spec = plan.spec
     result = Result(job_id=spec.job_id, run_id=run.run_id, job_type="archive",
                     started_at=utc_now())
@@ -127,7 +130,8 @@ def execute(plan: ArchivePlan, run: JobRun, sconn: psycopg.Connection,
     return lifecycle.execute(run, result, start=start, finish=finish, pacing=spec.pacing,
                              retry=spec.retry, progress=progress,
                              stop=stop if stop is not None else StopFlag(), state=spec.state,
-                             describe=lambda exc: pg.describe_error(exc, spec.source), verb=verb)
+                             describe=lambda exc: pg.describe_error(exc, spec.source), verb=verb,
+                             replica=replica)
 
 
 def dry_run(plan: ArchivePlan, sconn: psycopg.Connection) -> Result:

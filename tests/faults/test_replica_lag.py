@@ -98,3 +98,30 @@ def test_replica_that_is_not_a_standby_is_refused(primary_and_replica: tuple[str
                    "--replica", primary)
     assert proc.returncode == 2, proc.stderr
     assert "is not a replica" in proc.stderr
+
+
+def test_archive_waits_while_the_replica_lags_then_finishes(
+        primary_and_replica: tuple[str, str], spawn) -> None:
+    primary, replica = primary_and_replica
+    execute(primary, "DROP TABLE IF EXISTS old; DROP TABLE IF EXISTS old_archive; "
+                     "CREATE TABLE old (id int PRIMARY KEY, n int); "
+                     "INSERT INTO old SELECT g, g FROM generate_series(1, 20000) g")
+    _replayed(replica, "SELECT count(*) FROM old", 20000)
+    execute(replica, "SELECT pg_wal_replay_pause()")
+    try:
+        proc = spawn("archive", "--source", primary, "--table", "old", "--where", "n <= 15000",
+                     "--to-table", "old_archive", "--replica", replica, "--max-lag", "0.5s",
+                     "--chunk-size", "2000", "--json", "--no-progress")
+        time.sleep(3)
+        assert proc.poll() is None, proc.communicate()
+        left = scalar(primary, "SELECT count(*) FROM old")
+        time.sleep(1)
+        assert scalar(primary, "SELECT count(*) FROM old") == left > 5000  # held, not done
+    finally:
+        execute(replica, "SELECT pg_wal_replay_resume()")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    doc = json.loads(out)
+    assert scalar(primary, "SELECT count(*) FROM old") == 5000
+    assert scalar(primary, "SELECT count(*) FROM old_archive") == 15000
+    assert doc["metadata"]["replica_waits"] >= 1
