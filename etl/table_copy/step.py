@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # savepoint of the chunk's transaction: a failed statement wastes at most this much work,
 # and a statement boundary costs a round trip where a smaller chunk would cost a commit.
 PIECE_ROWS_AFTER_DATA_ERRORS = 10_000
+# After this many pieces refused in a row, a refused piece is halved instead of cut at the
+# row the server names: cutting costs a statement of the rest per bad row, halving log n.
+DENSE_REFUSALS = 3
 
 
 @dataclass
@@ -233,7 +236,10 @@ class CopyStep:
         spec = self.plan.spec
         bad: list[tuple[bytes, BaseException]] = []  # the row's COPY data, error
 
+        refusals = [0]  # pieces refused in a row: bad rows come densely
+
         def written(piece: Piece, stats: WriteStats) -> None:
+            refusals[0] = 0
             out.rows += self._count_piece(stats, out, digest)
 
         def refused(piece: Piece, offset: int, exc: BaseException) -> Piece | None:
@@ -244,7 +250,17 @@ class CopyStep:
             def write_slice(a: int | None, b: int) -> int:
                 return self._commit_piece(self.sink.write_rows, piece.rows(a or 0, b), out, digest)
 
+            refusals[0] += 1
             at = pg.copy_error_line(exc)
+            if refusals[0] > DENSE_REFUSALS:
+                # one bad row after another (a restart onto rows already there, say): cutting
+                # at each named row would write the rest again per bad row; halving writes
+                # each row O(log n) times, and a threshold stops it early
+                found = isolate(0, len(piece), len(piece), exc, write=write_slice,
+                                split=lambda a, n: (a or 0) + n, count=None, give_up=give_up)
+                out.rows += found.good_rows
+                bad.extend((piece.rows(b.hi - 1, b.hi), b.error) for b in found.bad)
+                return None
             if self._carry and at is not None and 1 <= at <= len(piece):
                 # the server named the row: if it fails alone too, it is bad whatever comes
                 # before it, and the others go on with the next piece
