@@ -209,12 +209,17 @@ def _copy_many(tables: list[str], options: dict[str, Any]) -> Result:
     if report:
         opt.check_report_path(report)
 
+    position = {t: i for i, t in enumerate(ordered, start=1)}
+
     def copy_one(t: TableName) -> Result:
+        from .progress import OneOfMany
+
         left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
         name = str(t) if src.is_postgres else t.name  # the others: the URL's database
+        shown = OneOfMany(progress_for(options["progress"]), position[t], len(ordered))
         return copy(**{**options, "table": name, "all_tables": False, "exclude": None,
                        "report": None, "stop": stop, "max_runtime": left,
-                       "source": src})
+                       "source": src, "progress": shown})
 
     with stop_on_signals(stop):
         result = multi.copy_tables(

@@ -185,3 +185,20 @@ def progress_for(value: bool | Progress | None) -> Progress:
     if value is None or isinstance(value, bool):
         return make_progress(value)
     return value
+
+
+class OneOfMany:
+    """The progress of one table among several: its lines say which, ``[2/11] copy …``."""
+
+    def __init__(self, inner: Progress, index: int, count: int) -> None:
+        self.inner = inner
+        self.prefix = f"[{index}/{count}] "
+
+    def start(self, label: str, done: int, total: int, exact: bool) -> None:
+        self.inner.start(self.prefix + label, done, total, exact)
+
+    def advance(self, rows: int, nbytes: int) -> None:
+        self.inner.advance(rows, nbytes)
+
+    def finish(self, message: str) -> None:
+        self.inner.finish(self.prefix + message)

@@ -102,3 +102,14 @@ def test_all_tables_of_a_sqlite_source_parents_first(dst: str, tmp_path) -> None
     with sqlite3.connect(db) as conn:
         expected = conn.execute('SELECT count(*) FROM "Track"').fetchone()[0]
     assert scalar(dst, 'SELECT count(*) FROM "Track"') == expected
+
+
+def test_progress_says_which_table_of_how_many(src: str, dst: str) -> None:
+    execute(src, "CREATE TABLE a (id int PRIMARY KEY); INSERT INTO a SELECT generate_series(1, 10);"
+                 "CREATE TABLE b (id int PRIMARY KEY, a int REFERENCES a);"
+                 "INSERT INTO b SELECT g, g FROM generate_series(1, 10) g")
+    proc = run_etl("copy", "--source", src, "--target", dst, "--all-tables", "--progress")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert any(line.startswith("[1/2] copy public.a") for line in lines), proc.stderr
+    assert any(line.startswith("[2/2] copy public.b") for line in lines), proc.stderr
