@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..archive import archive as run_archive
-from .common import job_options, render
+from .common import job_options, render, replica_options
 
 
 @click.command()
@@ -37,11 +37,7 @@ from .common import job_options, render
                    "goes on after the last archived key and never archives a row twice).")
 @click.option("--key", metavar="COL[,COL…]",
               help="Unique, ordered column(s) to walk the table by (default: the primary key).")
-@click.option("--replica", metavar="URL",
-              help="A streaming replica of the source: before each chunk, wait while it lags "
-                   "more than --max-lag.")
-@click.option("--max-lag", default="30s", show_default=True, metavar="DURATION",
-              help="With --replica: the replay lag beyond which chunks wait.")
+@replica_options
 @click.option("--create/--no-create", default=True, show_default=True,
               help="Create a missing archive table from the source's definition.")
 @click.option("--state", metavar="URL", envvar="ETL_STATE_URL", show_envvar=True,

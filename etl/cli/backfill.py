@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import api
-from .common import job_options, render
+from .common import job_options, render, replica_options
 
 
 @click.command()
@@ -20,11 +20,7 @@ from .common import job_options, render
                    "it (trusted operator input).")
 @click.option("--key", metavar="COL[,COL…]",
               help="Ordered column(s) to cut chunks on (default: the primary key).")
-@click.option("--replica", metavar="URL",
-              help="A streaming replica of the target: before each chunk, wait while it lags "
-                   "more than --max-lag.")
-@click.option("--max-lag", default="30s", show_default=True, metavar="DURATION",
-              help="With --replica: the replay lag beyond which chunks wait.")
+@replica_options
 @job_options(without=("max_errors", "max_error_rate"))  # a backfill has no dead letters
 def backfill(**kw: object) -> None:
     """Update a live PostgreSQL table in short, resumable chunks (a chunked UPDATE).

@@ -80,6 +80,15 @@ def job_options(func: F | None = None, *, without: tuple[str, ...] = ()) -> Any:
     return func
 
 
+def replica_options(func: F) -> F:
+    """--replica and --max-lag (archive, backfill): chunks wait while a standby lags."""
+    func = click.option("--max-lag", default="30s", show_default=True, metavar="DURATION",
+                        help="With --replica: the replay lag beyond which chunks wait.")(func)
+    return click.option("--replica", metavar="URL",
+                        help="A streaming replica of the database written: before each chunk, "
+                             "wait while it lags more than --max-lag.")(func)
+
+
 def render(result: Result, as_json: bool) -> None:
     """Print the result (JSON or a short summary) and exit with its code."""
     doc = result.to_dict()
