@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,14 +39,14 @@ class CopyStatement:
         except BaseException:
             self._cursor.close()
             raise
-        self._digest = hashlib.blake2b(digest_size=16)
+        self._crc = 0  # CRC-32 of the bytes sent: blake2b cost a fifth of the client's CPU
         self.bytes = 0
         self.error: BaseException | None = None
 
     def write(self, block: bytes) -> None:
         if self.error is not None:
             return
-        self._digest.update(block)
+        self._crc = zlib.crc32(block, self._crc)
         self.bytes += len(block)
         try:
             self._copy.write(block)
@@ -72,7 +72,7 @@ class CopyStatement:
             rows = self._cursor.rowcount
         finally:
             self._cursor.close()
-        return WriteStats(rows=max(rows, 0), bytes=self.bytes, checksum=self._digest.hexdigest())
+        return WriteStats(rows=max(rows, 0), bytes=self.bytes, checksum=f"{self._crc:08x}")
 
 
 class PgCopySink:

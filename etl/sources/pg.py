@@ -10,13 +10,13 @@ into Python objects. Composite keys are compared as row values.
 from __future__ import annotations
 
 import re
-from array import array
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..model import Column, TableName
+from .copy_out import CopyOut, rows_of
 
 if TYPE_CHECKING:
     import polars as pl
@@ -236,13 +236,13 @@ class PgKeysetSource:
         the writer's per-call cost (and the checksum's) per block, not per row.
         """
         buf = bytearray()
-        with self.conn.cursor() as cur, cur.copy(
-            self.query.copy_out_sql(after is not None, self.binary, ordered=self.ordered),
-            self.query.params(after, upto.text),
-        ) as copy:
-            read = copy.read
-            while data := read():
-                buf += data
+        with self._rows(after, upto) as out:
+            get, more = out.get, out.more
+            while True:
+                nbytes, row = get(1)
+                if nbytes <= 0 and not (row := more(nbytes)):
+                    break
+                buf += row
                 if len(buf) >= COPY_BLOCK_BYTES:
                     yield bytes(buf)
                     buf.clear()
@@ -252,11 +252,13 @@ class PgKeysetSource:
     @contextmanager
     def row_stream(self, after: tuple[str, ...] | None, upto: Bound) -> Iterator[RowStream]:
         """The chunk's rows (in key order if ``ordered``), to be written in pieces (RowStream)."""
-        with self.conn.cursor() as cur, cur.copy(
-            self.query.copy_out_sql(after is not None, self.binary, ordered=self.ordered),
-            self.query.params(after, upto.text),
-        ) as copy:
-            yield RowStream(copy.read, self.binary)
+        with self._rows(after, upto) as out:
+            yield RowStream(out, self.binary)
+
+    def _rows(self, after: tuple[str, ...] | None, upto: Bound) -> AbstractContextManager[CopyOut]:
+        return rows_of(self.conn,
+                       self.query.copy_out_sql(after is not None, self.binary, ordered=self.ordered),
+                       self.query.params(after, upto.text))
 
     def fetch_frame(self, after: Bound | None, upto: Bound) -> pl.DataFrame:
         """The chunk ``(after, upto]`` as a DataFrame (decoded: for transforms)."""
@@ -342,8 +344,8 @@ class RowStream:
     and where each ends) to write parts of it again.
     """
 
-    def __init__(self, read: Callable[[], Any], binary: bool) -> None:
-        self._read = read
+    def __init__(self, out: CopyOut, binary: bool) -> None:
+        self._out = out
         self.binary = binary
         self.done = False
         self._header = binary  # the binary header arrives before (or with) the first row
@@ -353,11 +355,12 @@ class RowStream:
         chunk ends, or ``until()`` is true (asked every ``UNTIL_EVERY_ROWS`` rows)."""
         if not self._start(kept, size):
             return
-        data, read, binary, end = kept.data, self._read, self.binary, kept.ends.append
+        data, binary, end = kept.data, self.binary, kept.ends.append
+        get, more = self._out.get, self._out.more
         n, countdown = len(kept), UNTIL_EVERY_ROWS
         while n < size:
-            row = read()
-            if not row:
+            nbytes, row = get(1)
+            if nbytes <= 0 and not (row := more(nbytes)):
                 self.done = True
                 break
             if binary and len(row) == 2:  # the trailer: no binary row is this short
@@ -380,21 +383,23 @@ class RowStream:
             write(bytes(kept.data))
         sent = len(kept.data)
         if self._start(kept, size):
-            data, read, binary, end = kept.data, self._read, self.binary, kept.ends.append
-            n = len(kept)
+            data, binary, end = kept.data, self.binary, kept.ends.append
+            get, more = self._out.get, self._out.more
+            n, block_end = len(kept), sent + COPY_BLOCK_BYTES
             while n < size:
-                row = read()
-                if not row:
+                nbytes, row = get(1)
+                if nbytes <= 0 and not (row := more(nbytes)):
                     self.done = True
                     break
                 if binary and len(row) == 2:  # the trailer: no binary row is this short
                     continue
                 data += row
                 n += 1
-                end(len(data))
-                if len(data) - sent >= COPY_BLOCK_BYTES:
+                at = len(data)
+                end(at)
+                if at >= block_end:
                     write(data[sent:])
-                    sent = len(data)
+                    sent, block_end = at, at + COPY_BLOCK_BYTES
         tail = kept.data[sent:]
         if self.binary:
             tail += BINARY_TRAILER
@@ -410,7 +415,7 @@ class RowStream:
 
     def _skip_header(self, kept: Piece) -> None:
         self._header = False
-        first = self._read()
+        first = self._out.read()
         if not first:
             self.done = True
             return
@@ -425,7 +430,7 @@ class Piece:
     """Rows cut from a COPY stream: their bytes back to back, and where each one ends."""
 
     data: bytearray = field(default_factory=bytearray)
-    ends: array = field(default_factory=lambda: array("q"))
+    ends: list[int] = field(default_factory=list)  # a list: array.append parses its argument
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -441,7 +446,7 @@ class Piece:
         out.data += self.rows(0, i)
         out.ends.extend(self.ends[:i])
         return out.followed_by(Piece(bytearray(self.rows(i + 1, len(self))),
-                                     array("q", (e - self.ends[i] for e in self.ends[i + 1:]))))
+                                     [e - self.ends[i] for e in self.ends[i + 1:]]))
 
     def followed_by(self, other: Piece) -> Piece:
         """These rows, then ``other``'s."""
