@@ -34,7 +34,8 @@ from ..model import Checkpoint, TableName
 from ..report import utc_now
 from ..runner import StepOutcome
 from ..sinks.pg_copy import PgCopySink
-from ..sources.pg import COPY_BLOCK_BYTES, Bound, PgKeysetSource
+from ..sources.copy_out import blocks_of, rows_of
+from ..sources.pg import Bound, PgKeysetSource
 from ..state.store import committed_after_all, schema_sql, write_checkpoint
 from . import files
 from .plan import STAGE_TABLE, Action, ArchivePlan
@@ -274,10 +275,9 @@ class ArchiveStep:
             self.sconn.execute("SELECT set_config(%s, %s, true)", (name, value))
         spool = files.temp_path(final, ".csv" if spec.file_format == "parquet" else "")
         try:
-            with self.sconn.cursor() as cur:
-                with cur.copy(self.plan.chunk_sql(has_lower), params) as copy:
-                    size, sha = files.spool(spool, iter(lambda: bytes(copy.read()), b""))
-                rows = cur.rowcount  # from the server's "COPY n", once the copy is over
+            with rows_of(self.sconn, self.plan.chunk_sql(has_lower), params) as out:
+                size, sha = files.spool(spool, iter(lambda: bytes(out.read()), b""))
+            rows = out.rowcount  # from the server's "COPY n", once the copy is over
             if rows < 0:  # pragma: no cover - psycopg sets it after COPY TO
                 raise TargetError("the server did not say how many rows COPY sent")
             if rows == 0:
@@ -302,15 +302,7 @@ class ArchiveStep:
 
     def _rows_out(self, copy_sql: Any, params: dict[str, Any]) -> Iterator[bytes]:
         """The source statement's rows as COPY data, in blocks of about COPY_BLOCK_BYTES."""
-        buf = bytearray()
-        with self.sconn.cursor() as cur, cur.copy(copy_sql, params) as copy:
-            while data := copy.read():
-                buf += data
-                if len(buf) >= COPY_BLOCK_BYTES:
-                    yield bytes(buf)
-                    buf.clear()
-        if buf:
-            yield bytes(buf)
+        return blocks_of(self.sconn, copy_sql, params)
 
     def _check_merge(self, done: _Done) -> None:
         """Every row of the chunk is now in the archive exactly once, or the chunk stops."""

@@ -28,13 +28,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import psycopg
 
+# Rows are handed to the target in blocks of about this size (fewer, larger writes).
+COPY_BLOCK_BYTES = 256 * 1024
+
 
 class CopyOut:
     """One open COPY TO: ``get(1)`` the next buffered row, else ``more(nbytes)``."""
 
-    def __init__(self, conn: psycopg.Connection, copy: psycopg.Copy) -> None:
+    def __init__(self, conn: psycopg.Connection, cursor: psycopg.Cursor, copy: psycopg.Copy) -> None:
         self._conn = conn
+        self._cursor = cursor
         self._copy = copy
+        self._rows: int | None = None
         self._pgconn = conn.pgconn
         self.get = conn.pgconn.get_copy_data
         self.ended = False
@@ -59,7 +64,13 @@ class CopyOut:
         for result in results:
             if result.status != pq.ExecStatus.COMMAND_OK:
                 raise errors.error_from_result(result, encoding=self._conn.info.encoding)
+            self._rows = result.command_tuples
         return b""
+
+    @property
+    def rowcount(self) -> int:
+        """Rows the server says it sent ("COPY n"), once the COPY ended; else -1."""
+        return self._rows if self._rows is not None else self._cursor.rowcount
 
     def read(self) -> Any:
         """The next row (empty at the end) — one call a row: for loops that are not hot."""
@@ -71,4 +82,23 @@ class CopyOut:
 def rows_of(conn: psycopg.Connection, statement: Any, params: Any = None) -> Iterator[CopyOut]:
     """Run ``statement`` (a COPY … TO STDOUT) and yield its reader."""
     with conn.cursor() as cur, cur.copy(statement, params) as copy:
-        yield CopyOut(conn, copy)
+        yield CopyOut(conn, cur, copy)
+
+
+def blocks_of(conn: psycopg.Connection, statement: Any, params: Any = None) -> Iterator[bytes]:
+    """The COPY data of ``statement`` in blocks of about ``COPY_BLOCK_BYTES``: the server
+    sends one message per row; gathered into blocks, the writer's per-call cost (and
+    the checksum's) is per block, not per row."""
+    buf = bytearray()
+    with rows_of(conn, statement, params) as out:
+        get, more = out.get, out.more
+        while True:
+            nbytes, row = get(1)
+            if nbytes <= 0 and not (row := more(nbytes)):
+                break
+            buf += row
+            if len(buf) >= COPY_BLOCK_BYTES:
+                yield bytes(buf)
+                buf.clear()
+    if buf:
+        yield bytes(buf)

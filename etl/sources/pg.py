@@ -16,15 +16,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..model import Column, TableName
-from .copy_out import CopyOut, rows_of
+from .copy_out import COPY_BLOCK_BYTES, CopyOut, blocks_of, rows_of
 
 if TYPE_CHECKING:
     import polars as pl
     import psycopg
     from psycopg import sql as sqlmod
 
-# Rows are handed to the target in blocks of about this size (fewer, larger writes).
-COPY_BLOCK_BYTES = 256 * 1024
 # While a statement ends, rows are read ahead; whether it has ended is asked this often.
 UNTIL_EVERY_ROWS = 256
 
@@ -230,24 +228,10 @@ class PgKeysetSource:
         return Bound(tuple(row[:-1]), list(row[-1]))
 
     def copy_out(self, after: tuple[str, ...] | None, upto: Bound) -> Iterator[bytes]:
-        """The chunk's rows as COPY data, in blocks of about ``COPY_BLOCK_BYTES``.
-
-        The server sends one message per row; gathering them into blocks makes
-        the writer's per-call cost (and the checksum's) per block, not per row.
-        """
-        buf = bytearray()
-        with self._rows(after, upto) as out:
-            get, more = out.get, out.more
-            while True:
-                nbytes, row = get(1)
-                if nbytes <= 0 and not (row := more(nbytes)):
-                    break
-                buf += row
-                if len(buf) >= COPY_BLOCK_BYTES:
-                    yield bytes(buf)
-                    buf.clear()
-        if buf:
-            yield bytes(buf)
+        """The chunk's rows as COPY data, in blocks of about ``COPY_BLOCK_BYTES``."""
+        return blocks_of(self.conn,
+                         self.query.copy_out_sql(after is not None, self.binary, ordered=self.ordered),
+                         self.query.params(after, upto.text))
 
     @contextmanager
     def row_stream(self, after: tuple[str, ...] | None, upto: Bound) -> Iterator[RowStream]:
