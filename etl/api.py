@@ -301,6 +301,7 @@ def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa
              retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
              lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
              replica: str | DbUrl | None = None, max_lag: str | float = DEFAULT_MAX_LAG_SECONDS,
+             timezone: str = "UTC",
              dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
              progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
     """Update ``table`` in ``target`` (PostgreSQL) chunk by chunk: ``SET set`` on the rows
@@ -311,7 +312,8 @@ def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa
     not idempotent; the state store is therefore the target database (``state`` may
     only name it). ``set`` and ``where`` are trusted SQL; ``set`` may not assign a key
     column. ``replica`` (a streaming standby's URL) holds each chunk back while it lags
-    more than ``max_lag`` (seconds or a duration). Pacing, retries, ``lock_timeout``,
+    more than ``max_lag`` (seconds or a duration). ``timezone`` (default UTC) is the
+    session's time zone, in which ``set`` and ``where`` read timestamps. Pacing, retries, ``lock_timeout``,
     ``dry_run``, ``restart``, ``report``, ``progress`` and ``stop`` are as for :func:`copy`.
     """
     from . import backfill_job, pg
@@ -334,7 +336,7 @@ def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa
         target=tgt, table=name, job_id=job or f"backfill:{name}", set_sql=set,
         where=where or None, key=opt.parse_names(key, "--key"), restart=restart, pacing=pacing,
         retry=retry, lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
-        state_schema=state_schema)
+        state_schema=state_schema, timezone=opt.check_timezone(timezone))
     if report:
         opt.check_report_path(report)
     prog = progress_for(progress)

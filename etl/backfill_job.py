@@ -54,16 +54,18 @@ class BackfillSpec:
     retry: RetryPolicy = RetryPolicy()
     lock_timeout: float | None = None
     state_schema: str = "etl"
+    timezone: str = "UTC"         # --timezone: the session's TimeZone
 
     @property
     def settings(self) -> dict[str, str]:
-        return pg.lock_timeout_settings(self.lock_timeout)
+        return pg.session_settings(self.lock_timeout, self.timezone)
 
     def args(self) -> dict[str, Any]:
         return {"target": self.target.masked, "table": str(self.table), "set": self.set_sql,
                 "where": self.where, "key": list(self.key or ()),
                 "pacing": dataclasses.asdict(self.pacing),
-                "retry": dataclasses.asdict(self.retry), "lock_timeout": self.lock_timeout}
+                "retry": dataclasses.asdict(self.retry), "lock_timeout": self.lock_timeout,
+                "timezone": self.timezone}
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,26 @@ def retry_policy(retries: int, retry_max_wait: str | float | None) -> RetryPolic
         retry_max_wait, "--retry-max-wait") or DEFAULT_RETRY_MAX_WAIT_SECONDS)
 
 
+def check_timezone(value: str | None) -> str:
+    """--timezone: an IANA name (``Europe/Berlin``) or ``UTC``, the session time zone of
+    every connection, so ``now()::date``, timestamp literals and ``date_trunc`` in --where
+    mean the same on every run. Default UTC. Bare offsets are refused: PostgreSQL reads
+    ``+02:00`` the POSIX way (two hours *west* of Greenwich)."""
+    import zoneinfo
+
+    tz = (value or "UTC").strip()
+    if tz.upper() in ("UTC", "GMT", "Z"):
+        return "UTC"
+    known = zoneinfo.available_timezones()
+    if tz in known or not known:  # no tz database here: the server judges
+        return tz
+    near = sorted(n for n in known if n.lower().endswith("/" + tz.lower().split("/")[-1]))
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    raise UsageError(f"--timezone {tz!r} is not a time zone{hint}: give an IANA name such as "
+                     "Europe/Berlin or America/New_York, or UTC (a fixed offset: Etc/GMT-2 is "
+                     "two hours east)")
+
+
 def check_report_path(path: str | Path) -> None:
     """Fail before the run, not after it, when --report cannot be written."""
     import os

@@ -43,7 +43,8 @@ def connect(url: DbUrl, role: str, *, autocommit: bool = False,
     import psycopg
 
     error_cls = ConnectionLostError if reconnect else _ROLE_ERRORS.get(role, EtlError)
-    options = " ".join(f"-c {k}={v}" for k, v in {"TimeZone": "UTC", **(settings or {})}.items())
+    options = " ".join(f"-c {k}={_option_value(v)}"
+                       for k, v in {"TimeZone": "UTC", **(settings or {})}.items())
     try:
         conn = psycopg.connect(
             url.conninfo(application_name=application_name(role),
@@ -60,11 +61,21 @@ def connect(url: DbUrl, role: str, *, autocommit: bool = False,
     return conn
 
 
+def _option_value(value: str) -> str:
+    """A value for libpq's ``options``: spaces and backslashes escaped with a backslash."""
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
 def lock_timeout_settings(seconds: float | None) -> dict[str, str]:
     """Session settings that bound each wait for a lock (``--lock-timeout``; None: none)."""
     if seconds is None:
         return {}
     return {"lock_timeout": f"{max(int(seconds * 1000), 1)}ms"}
+
+
+def session_settings(lock_timeout: float | None, timezone: str = "UTC") -> dict[str, str]:
+    """A job's session settings: ``--lock-timeout`` and ``--timezone`` (the default UTC)."""
+    return {**lock_timeout_settings(lock_timeout), "TimeZone": timezone}
 
 
 def describe_error(exc: BaseException, url: DbUrl | None = None) -> str:

@@ -35,7 +35,7 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
             retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
             lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
             replica: str | DbUrl | None = None,
-            max_lag: str | float = DEFAULT_MAX_LAG_SECONDS,
+            max_lag: str | float = DEFAULT_MAX_LAG_SECONDS, timezone: str = "UTC",
             dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
             progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
     """Move the rows of ``table`` matching ``where`` into an archive table, in keyset chunks.
@@ -55,7 +55,8 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
     The table is walked by its primary key (or ``key``, ``"a,b"``; composite keys as row
     values); ``where`` (trusted SQL) is applied, parenthesised, inside every chunk, so only
     rows matching when their chunk runs move. ``lock_timeout`` bounds each wait for a row
-    lock (a timeout rolls the chunk back and retries it); ``chunk_size``, ``chunk_seconds``,
+    lock (a timeout rolls the chunk back and retries it); ``timezone`` (default UTC) is the
+    sessions' time zone, in which ``where``'s timestamps and ``now()::date`` are read; ``chunk_size``, ``chunk_seconds``,
     ``sleep``, ``max_rate`` and ``max_runtime`` pace the job as for :func:`etl.copy`. The
     state store is the source database unless ``state`` names another PostgreSQL; the job
     is ``archive:SCHEMA.TABLE`` unless ``job`` is given. A rerun of an unfinished job
@@ -115,7 +116,7 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
         key=opt.parse_names(key, "--key"), create=create, restart=restart, pacing=pacing,
         retry=retry, lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
         state_schema=state_schema, to_dir=Path(to_dir) if to_dir else None,
-        file_format=file_format)
+        file_format=file_format, timezone=opt.check_timezone(timezone))
     if report:
         opt.check_report_path(report)
     prog = progress_for(progress)

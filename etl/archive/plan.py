@@ -61,6 +61,7 @@ class ArchiveSpec:
     state_schema: str = "etl"
     to_dir: Path | None = None       # --to-dir: chunk files instead of an archive table
     file_format: str = "parquet"     # --format, with --to-dir
+    timezone: str = "UTC"            # --timezone: the sessions' TimeZone
 
     @property
     def same_database(self) -> bool:
@@ -73,10 +74,11 @@ class ArchiveSpec:
 
     @property
     def settings(self) -> dict[str, str]:
-        """Session settings of both connections: how long a chunk waits for a row lock."""
-        if self.lock_timeout is None:
-            return {}
-        return {"lock_timeout": f"{max(int(self.lock_timeout * 1000), 1)}ms"}
+        """Session settings of both connections: how long a chunk waits for a row lock, and
+        the time zone --where's times are read in."""
+        from ..pg import session_settings
+
+        return session_settings(self.lock_timeout, self.timezone)
 
     def args(self) -> dict[str, Any]:
         """The job's arguments as stored in the state store (URLs masked)."""
@@ -86,6 +88,7 @@ class ArchiveSpec:
             "where": self.where, "action": self.action.value, "key": list(self.key or ()),
             "create": self.create, "pacing": dataclasses.asdict(self.pacing),
             "retry": dataclasses.asdict(self.retry), "lock_timeout": self.lock_timeout,
+            "timezone": self.timezone,
             **({"to_dir": str(self.to_dir), "format": self.file_format}
                if self.to_dir is not None else {}),
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..archive import archive as run_archive
-from .common import job_options, render, replica_options
+from .common import job_options, render, replica_options, timezone_option
 
 
 @click.command()
@@ -17,7 +17,7 @@ from .common import job_options, render, replica_options
 @click.option("--where", required=True, metavar="SQL",
               help="Which rows to take (trusted operator input), e.g. \"created_at < now() - "
                    "interval '90 days'\"; applied, parenthesised, inside every chunk, so only "
-                   "rows matching when their chunk runs move. Sessions run in UTC.")
+                   "rows matching when their chunk runs move. Read in --timezone (UTC).")
 @click.option("--to", metavar="URL",
               help="Another PostgreSQL database to archive into (default: the source database). "
                    "Each chunk is committed there first, then deleted from the source.")
@@ -38,6 +38,7 @@ from .common import job_options, render, replica_options
 @click.option("--key", metavar="COL[,COL…]",
               help="Unique, ordered column(s) to walk the table by (default: the primary key).")
 @replica_options
+@timezone_option
 @click.option("--create/--no-create", default=True, show_default=True,
               help="Create a missing archive table from the source's definition.")
 @click.option("--state", metavar="URL", envvar="ETL_STATE_URL", show_envvar=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import api
-from .common import job_options, render, replica_options
+from .common import job_options, render, replica_options, timezone_option
 
 
 @click.command()
@@ -21,6 +21,7 @@ from .common import job_options, render, replica_options
 @click.option("--key", metavar="COL[,COL…]",
               help="Ordered column(s) to cut chunks on (default: the primary key).")
 @replica_options
+@timezone_option
 @job_options(without=("max_errors", "max_error_rate"))  # a backfill has no dead letters
 def backfill(**kw: object) -> None:
     """Update a live PostgreSQL table in short, resumable chunks (a chunked UPDATE).

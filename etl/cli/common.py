@@ -89,6 +89,15 @@ def replica_options(func: F) -> F:
                              "wait while it lags more than --max-lag.")(func)
 
 
+def timezone_option(func: F) -> F:
+    """--timezone (archive, backfill): the sessions' time zone, UTC unless given."""
+    return click.option("--timezone", default="UTC", show_default=True, metavar="ZONE",
+                        help="Session time zone of the database connections, in which "
+                             "timestamps, dates and now()::date in --where/--set are read "
+                             "(an IANA name such as Europe/Berlin). UTC by default, "
+                             "so a job means the same wherever and whenever it runs.")(func)
+
+
 def render(result: Result, as_json: bool) -> None:
     """Print the result (JSON or a short summary) and exit with its code."""
     doc = result.to_dict()

@@ -191,6 +191,16 @@ def test_sessions_run_in_utc(src: str) -> None:
                          to_table="ev_archive")
     assert result.ok and result.succeeded == 23  # 01:00 … 23:00 UTC on the 7th
     assert scalar(src, "SELECT min(id) FROM ev") == 24
+    # --timezone reads the same literal in New York (05:00 UTC on the 8th, winter time): the
+    # next five hours go too; the archive table's job keeps its own sessions in that zone
+    out = run_etl("archive", "--source", src, "--table", "ev", "--where",
+                  "created_at < '2024-01-08 00:00'", "--to-table", "ev_archive",
+                  "--timezone", "America/New_York", "--no-progress", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["summary"]["succeeded"] == 5  # 00:00 … 04:00 UTC
+    assert scalar(src, "SELECT min(id) FROM ev") == 29
+    assert scalar(src, "SELECT args->>'timezone' FROM etl.jobs WHERE job_id = 'archive:public.ev'") \
+        == "America/New_York"
 
 
 # -- --purge, --no-delete, --dry-run -------------------------------------------------------------
@@ -523,6 +533,10 @@ def test_usage_errors_exit_2(src: str) -> None:
          "--where"),
         (["archive", "--source", src, "--table", "ev", "--where", "true", "--to-table", "ev"],
          "the table being archived"),
+        (["archive", "--source", src, "--table", "ev", "--where", "true", "--purge",
+          "--timezone", "Berlin"], "did you mean Europe/Berlin"),
+        (["archive", "--source", src, "--table", "ev", "--where", "true", "--purge",
+          "--timezone", "+02:00"], "IANA name"),
     ]:
         out = run_etl(*args)
         assert out.returncode == 2, (args, out.stderr)

@@ -57,6 +57,21 @@ def test_where_that_the_update_makes_false_and_composite_key(dst: str) -> None:
     assert result.to_dict()["metadata"]["key"] == ["day", "seq"]
 
 
+def test_set_and_where_read_times_in_utc_unless_timezone_says(dst: str) -> None:
+    # 22:00 UTC is the same day in UTC and the next day in Tokyo (UTC+9)
+    execute(dst, "CREATE TABLE ev (id int PRIMARY KEY, at timestamptz NOT NULL, day date); "
+                 "INSERT INTO ev VALUES (1, '2024-03-01 22:00+00', NULL), "
+                 "(2, '2024-03-01 10:00+00', NULL)")
+    assert etl.backfill(target=dst, table="ev", set="day = at::date").succeeded == 2
+    assert scalar(dst, "SELECT array_agg(day::text ORDER BY id) FROM ev") == \
+        ["2024-03-01", "2024-03-01"]
+    tokyo = etl.backfill(target=dst, table="ev", set="day = at::date", job="tokyo",
+                         where="at >= '2024-03-02 00:00'", timezone="Asia/Tokyo")
+    assert tokyo.succeeded == 1  # only 22:00 UTC is on the 2nd in Tokyo
+    assert scalar(dst, "SELECT array_agg(day::text ORDER BY id) FROM ev") == \
+        ["2024-03-02", "2024-03-01"]
+
+
 def test_dry_run_writes_nothing(dst: str) -> None:
     _table(dst, 5000)
     proc = run_etl("backfill", "--target", dst, "--table", "ev", "--set", "n = 0",
