@@ -42,7 +42,7 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
 
     ``to_table`` names the archive table: in the source database (each chunk is ONE source
     transaction: ``WITH moved AS (DELETE … RETURNING …) INSERT …`` and the checkpoint), or
-    with ``to`` in another PostgreSQL database (each chunk is written there idempotently and
+    with ``to`` in another PostgreSQL or a MySQL/MariaDB database (each chunk is written there idempotently and
     committed, then deleted from the source with the checkpoint: a crash in between leaves
     the rows in both, and the rerun keeps the archive's identical copies and deletes them).
     ``to_dir`` writes each chunk to a file in that directory instead (``format`` ``parquet``,
@@ -91,7 +91,8 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
                          "--format")
     if not purge and not to and not to_table and not to_dir:
         raise UsageError("say where the rows go: --to-table T (a table in the same database), "
-                         "--to URL [--to-table T] (another PostgreSQL database), --to-dir DIR "
+                         "--to URL [--to-table T] (another PostgreSQL or a MySQL/MariaDB "
+                         "database), --to-dir DIR "
                          "[--format parquet|csv] (files), or --purge (delete them)")
     file_format = check_format(format) if to_dir else "parquet"
     action = Action.PURGE if purge else Action.NO_DELETE if no_delete else Action.MOVE
@@ -100,23 +101,32 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
     src = api.resolve_url(source)
     dest = parse(to) if to else src
     state_url = parse(state) if state else src
-    for url, option in ((src, "--source"), (dest, "--to"), (state_url, "--state")):
+    for url, option in ((src, "--source"), (state_url, "--state")):
         if not url.is_postgres:
-            raise UsageError(f"{option} {url.masked}: etl archive works on PostgreSQL for now "
-                             "(MariaDB/MySQL destinations and files come later)")
+            raise UsageError(f"{option} {url.masked}: etl archive reads PostgreSQL tables and "
+                             "keeps its state in PostgreSQL (--to may be MySQL/MariaDB)")
+    to_sql = not dest.is_postgres
+    if to_sql and dest.backend not in ("mysql", "mariadb"):
+        raise UsageError(f"--to {dest.masked}: an archive goes to PostgreSQL or MySQL/MariaDB "
+                         f"(or to files with --to-dir), not {dest.backend}")
     if to_dir and not state_url.same_database(src):
         raise UsageError(f"--to-dir needs the state store in the source database (drop --state "
                          f"{state_url.masked}): each chunk's checkpoint must commit with its "
                          "delete, or a crash in between could not tell which files are archived")
     src_table = TableName.parse(table)
     archive_table = None if purge or to_dir else TableName.parse(to_table) if to_table else src_table
+    dest_table = None
+    if to_sql:
+        from ..sql_copy.plan import SqlName
+
+        dest_table = SqlName.parse(to_table or src_table.name, "mysql")
     spec = ArchiveSpec(
         source=src, dest=dest, state=state_url, table=src_table, archive_table=archive_table,
         job_id=job or f"archive:{src_table}", where=where, action=action,
         key=opt.parse_names(key, "--key"), create=create, restart=restart, pacing=pacing,
         retry=retry, lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
         state_schema=state_schema, to_dir=Path(to_dir) if to_dir else None,
-        file_format=file_format, timezone=opt.check_timezone(timezone))
+        file_format=file_format, timezone=opt.check_timezone(timezone), dest_table=dest_table)
     if report:
         opt.check_report_path(report)
     prog = progress_for(progress)
@@ -124,10 +134,15 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
     with stop_on_signals(stop):  # SIGINT/SIGTERM: stop at a chunk boundary (exit 4)
         sconn = pg.connect(src, "source", autocommit=True, settings=spec.settings)
         dconn = None
+        sql_dest = None
         try:
-            if not spec.same_database:
+            if to_sql:
+                from .sql_dest import SqlArchive
+
+                sql_dest = SqlArchive(spec, dry_run=dry_run)
+            elif not spec.same_database:
                 dconn = pg.connect(dest, "target", autocommit=True, settings=spec.settings)
-            plan = make_plan(spec, sconn, dconn)
+            plan = make_plan(spec, sconn, dconn, sql_dest)
             if dry_run:
                 return plan_only(plan, sconn)
             guard = api.replica_guard(replica, max_lag)  # --replica: chunks wait while it lags
@@ -139,6 +154,8 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
             sconn.close()
             if dconn is not None:
                 dconn.close()
+            if sql_dest is not None:
+                sql_dest.close()
     if report:
         result.write(report)
     return result

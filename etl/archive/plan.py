@@ -20,12 +20,15 @@ from ..model import Column, TableName
 from ..retry import RetryPolicy
 from ..runner import Pacing
 from ..sources.pg import KeysetQuery
+from ..sql_copy.plan import SqlName
 from ..table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS, CopyPlan, CopySpec
 from ..urls import DbUrl
 
 if TYPE_CHECKING:
     import psycopg
     from psycopg import sql as sqlmod
+
+    from .sql_dest import SqlArchive
 
 # The archive side of a chunk that goes to another database is staged here first (a
 # temporary table of the destination session, emptied by every commit and rollback).
@@ -62,6 +65,14 @@ class ArchiveSpec:
     to_dir: Path | None = None       # --to-dir: chunk files instead of an archive table
     file_format: str = "parquet"     # --format, with --to-dir
     timezone: str = "UTC"            # --timezone: the sessions' TimeZone
+    dest_table: SqlName | None = None  # the archive table in a MySQL/MariaDB --to
+
+    @property
+    def archive_name(self) -> str | None:
+        """The archive table as the user names it (None: --purge or --to-dir)."""
+        if self.dest_table is not None:
+            return str(self.dest_table)
+        return str(self.archive_table) if self.archive_table else None
 
     @property
     def same_database(self) -> bool:
@@ -84,7 +95,7 @@ class ArchiveSpec:
         """The job's arguments as stored in the state store (URLs masked)."""
         return {
             "source": self.source.masked, "to": self.dest.masked, "table": str(self.table),
-            "to_table": str(self.archive_table) if self.archive_table else None,
+            "to_table": self.archive_name,
             "where": self.where, "action": self.action.value, "key": list(self.key or ()),
             "create": self.create, "pacing": dataclasses.asdict(self.pacing),
             "retry": dataclasses.asdict(self.retry), "lock_timeout": self.lock_timeout,
@@ -101,6 +112,7 @@ class ArchivePlan:
     spec: ArchiveSpec
     copy: CopyPlan
     conflict_key: tuple[str, ...]  # the archive's unique key (what a replayed row meets)
+    sql_dest: SqlArchive | None = None  # the archive in MySQL/MariaDB (--to mysql://…)
 
     @property
     def query(self) -> KeysetQuery:
@@ -127,6 +139,8 @@ class ArchivePlan:
 
         if self.spec.to_dir is not None:  # files: PostgreSQL's own CSV, parsed by type later
             return sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER)").format(rows)
+        if self.sql_dest is not None:  # MySQL/MariaDB: the rows themselves, decoded
+            return rows
         if self.spec.same_database:
             return self.merge_sql(rows)
 
@@ -205,12 +219,24 @@ class ArchivePlan:
 
 
 def make_plan(spec: ArchiveSpec, sconn: psycopg.Connection,
-              dconn: psycopg.Connection | None) -> ArchivePlan:
-    """Describe the source and the archive table (through the copy path's plan)."""
+              dconn: psycopg.Connection | None, sql_dest: SqlArchive | None = None) -> ArchivePlan:
+    """Describe the source and the archive table (through the copy path's plan; a MySQL/
+    MariaDB archive through ``sql_dest``'s, the cross-database copy's)."""
     if spec.archive_table is not None and spec.same_database \
             and spec.archive_table == spec.table:
         raise UsageError(f"--to-table {spec.archive_table} is the table being archived; name "
                          f"another table (e.g. {spec.table.name}_archive) or another database (--to)")
+    if sql_dest is not None:  # the source's side only: the table itself is its "target"
+        cspec = CopySpec(source=spec.source, target=spec.source, state=spec.state,
+                         table=spec.table, target_table=spec.table, job_id=spec.job_id,
+                         key=spec.key, where=spec.where, create=False, restart=spec.restart,
+                         pacing=spec.pacing, retry=spec.retry, lock_timeout=spec.lock_timeout,
+                         state_schema=spec.state_schema)
+        cplan = table_copy.make_plan(cspec, sconn, sconn)
+        sconn.rollback()
+        if [c.name for c in cplan.columns] != list(sql_dest.columns()):  # pragma: no cover
+            raise UsageError(f"the columns of {spec.table} changed while the job started; rerun")
+        return ArchivePlan(spec, cplan, sql_dest.conflict_key, sql_dest)
     cspec = CopySpec(source=spec.source, target=spec.dest, state=spec.state, table=spec.table,
                      target_table=spec.archive_table or spec.table, job_id=spec.job_id,
                      key=spec.key, where=spec.where, create=spec.create, restart=spec.restart,
@@ -245,9 +271,11 @@ def describe_plan(plan: ArchivePlan, resume_after: list[Any] | None, remaining: 
     """The --dry-run text: what would happen, the SQL of one chunk and its EXPLAIN."""
     spec = plan.spec
     about = "" if exact else "~"
+    creates = plan.sql_dest.ddl if plan.sql_dest is not None else \
+        () if plan.copy.target_exists else plan.copy.ddl
     to = {Action.PURGE: "nowhere (--purge: deleted only)"}.get(
-        spec.action, f"{spec.dest.masked}  table {spec.archive_table}"
-        + ("" if plan.copy.target_exists else "  (missing: would be created)"))
+        spec.action, f"{spec.dest.masked}  table {spec.archive_name}"
+        + ("  (missing: would be created)" if creates else ""))
     if spec.to_dir is not None:
         from .files import job_prefix
 
@@ -279,15 +307,18 @@ def describe_plan(plan: ArchivePlan, resume_after: list[Any] | None, remaining: 
         lines.append(f"rows matching: {about}{remaining:,}; chunk size auto: starts at "
                      f"{chunk_size:,} rows ({about}{chunks:,} chunk(s) at that size) and adapts "
                      f"toward {spec.pacing.chunk_seconds:g} s a chunk")
-    if plan.copy.ddl and spec.action is not Action.PURGE and spec.to_dir is None:
+    if creates and spec.action is not Action.PURGE and spec.to_dir is None:
         lines.append("archive DDL:")
-        lines.extend(f"  {stmt};" for stmt in plan.copy.ddl)
+        lines.extend(f"  {stmt};" for stmt in creates)
     has_lower = resume_after is not None
     lines.append("chunk bound SQL (per chunk):")
     lines.append(f"  {_shown(plan.query.bound_sql(has_lower))};")
     lines.append("chunk SQL (per chunk, in the source database):")
     lines.append(f"  {_shown(plan.chunk_sql(has_lower))};")
-    if not spec.same_database and spec.action is not Action.PURGE:
+    if plan.sql_dest is not None:
+        lines.append("then in the archive database (the rows, one transaction a chunk):")
+        lines.append(f"  {plan.sql_dest.write_sql};")
+    elif not spec.same_database and spec.action is not Action.PURGE:
         lines.append("then in the archive database (staged rows):")
         lines.append(f"  {_shown(plan.stage_merge_sql())};")
     if first is not None:

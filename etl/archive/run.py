@@ -38,7 +38,7 @@ def _metadata(plan: ArchivePlan) -> dict[str, Any]:
                 "key": [k.name for k in plan.copy.key]}
     return {"source": spec.source.masked,
             "target": None if spec.action is Action.PURGE else spec.dest.masked,
-            "archive_table": str(spec.archive_table) if spec.archive_table else None,
+            "archive_table": spec.archive_name,
             "state": spec.state.masked, "action": spec.action.value, "where": spec.where,
             "chunk_size": spec.pacing.chunk_size or "auto",
             "key": [k.name for k in plan.copy.key]}
@@ -114,7 +114,9 @@ def execute(plan: ArchivePlan, run: JobRun, sconn: psycopg.Connection,
             result.artifacts["manifest"] = str(manifest.path)
             result.artifacts["output_files"] = out.written  # filled as chunks commit
         else:
-            if spec.action is not Action.PURGE:
+            if plan.sql_dest is not None:
+                plan.sql_dest.prepare()
+            elif spec.action is not Action.PURGE:
                 table_copy.prepare_target(dconn or sconn, plan.copy)
             cp, resuming = _start(plan, run)
         remaining, exact = table_copy.count_remaining(sconn, plan.copy, cp.last_key)

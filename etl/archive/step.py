@@ -13,6 +13,10 @@ stops the chunk before anything is written elsewhere, and a crash between the tw
 leaves the rows in both databases: the rerun deletes them again, finds their identical
 copies in the archive and keeps those — never a row lost, never one archived twice.
 
+A MySQL/MariaDB database: the same order, with the rows themselves (``DELETE …
+RETURNING`` decoded) inserted there with ``INSERT IGNORE`` and compared where a key was
+there already (``etl.archive.sql_dest``).
+
 Files (--to-dir): the source transaction deletes (or selects) the chunk's rows with
 ``COPY (…) TO STDOUT (FORMAT csv, HEADER)``; they are written to the chunk's file, which is
 fsynced and renamed, its manifest entry written (``etl.archive.files``), and only then does
@@ -36,6 +40,7 @@ from ..runner import StepOutcome
 from ..sinks.pg_copy import PgCopySink
 from ..sources.copy_out import blocks_of, rows_of
 from ..sources.pg import Bound, PgKeysetSource
+from ..sql_copy_io import row_bytes
 from ..state.store import committed_after_all, schema_sql, write_checkpoint
 from . import files
 from .plan import STAGE_TABLE, Action, ArchivePlan
@@ -116,6 +121,8 @@ class ArchiveStep:
             log.info("reconnecting to the archive database")
             self._use_dest(pg.connect(spec.dest, "target", autocommit=True, reconnect=True,
                                       settings=spec.settings))
+        if self.plan.sql_dest is not None:
+            self.plan.sql_dest.ensure_connected()
         self.run.ensure_connected()
 
     def committed(self, cp: Checkpoint) -> Checkpoint | None:
@@ -144,6 +151,8 @@ class ArchiveStep:
         self.sconn.close()
         if self.dconn is not None:
             self.dconn.close()
+        if self.plan.sql_dest is not None:
+            self.plan.sql_dest.close()
 
     def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
         import psycopg
@@ -166,6 +175,8 @@ class ArchiveStep:
                 has_lower = cp.last_key is not None
                 if self.files_out is not None:
                     done = self._to_files(has_lower, params, cp, bound)
+                elif self.plan.sql_dest is not None:
+                    done = self._to_sql_destination(has_lower, params, cp)
                 elif self.dconn is None:
                     done = self._in_source(has_lower, params)
                 else:
@@ -240,6 +251,20 @@ class ArchiveStep:
         log.debug("chunk %d: %d rows committed in the archive after key %s", cp.chunk_index + 1,
                   done.rows, cp.last_key_json)
         return done
+
+    def _to_sql_destination(self, has_lower: bool, params: dict[str, Any],
+                            cp: Checkpoint) -> _Done:
+        """MySQL/MariaDB: the rows the source statement deletes (or selects), decoded, are
+        inserted there and committed (etl.archive.sql_dest) before the source commits."""
+        assert self.plan.sql_dest is not None
+        rows = self.sconn.execute(self.plan.chunk_sql(has_lower), params).fetchall()
+        if not rows:
+            return _Done(rows=0)
+        inserted, already = self.plan.sql_dest.write(rows)
+        self.run.assert_lock_held()
+        log.debug("chunk %d: %d rows committed in the archive after key %s", cp.chunk_index + 1,
+                  len(rows), cp.last_key_json)
+        return _Done(rows=len(rows), inserted=inserted, already=already, bytes=row_bytes(rows))
 
     def _hold_checkpoint(self, cp: Checkpoint) -> None:
         """Files, retrying a chunk: lock the job's checkpoint row and check it is still ``cp``

@@ -19,8 +19,9 @@ from .common import job_options, render, replica_options, timezone_option
                    "interval '90 days'\"; applied, parenthesised, inside every chunk, so only "
                    "rows matching when their chunk runs move. Read in --timezone (UTC).")
 @click.option("--to", metavar="URL",
-              help="Another PostgreSQL database to archive into (default: the source database). "
-                   "Each chunk is committed there first, then deleted from the source.")
+              help="Another PostgreSQL database, or a MySQL/MariaDB one (mysql+pymysql://…), to "
+                   "archive into (default: the source database). Each chunk is committed there "
+                   "first, then deleted from the source.")
 @click.option("--to-table", metavar="[SCHEMA.]TABLE",
               help="The archive table (default with --to: the same name as --table). Created "
                    "from the source's definition when missing.")
@@ -70,6 +71,9 @@ def archive(**kw: object) -> None:
       etl archive --source postgresql://app@db1/prod --table public.events \\
                   --where "created_at < now() - interval '1 year'" \\
                   --to postgresql://app@db9/cold --to-table public.events
+      etl archive --source postgresql://app@db1/prod --table public.events \\
+                  --where "created_at < now() - interval '1 year'" \\
+                  --to mysql+pymysql://archiver@db9/cold --to-table events
       etl archive --source postgresql://app@db1/prod --table public.events \\
                   --where "created_at < now() - interval '1 year'" \\
                   --to-dir /srv/archive/events --format parquet
