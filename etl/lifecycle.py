@@ -46,6 +46,7 @@ class Start:
     label: str                # for progress, e.g. "copy public.events"
     remaining: int            # rows left after the checkpoint
     exact: bool = True        # ``remaining`` is a count, not an estimate
+    rows_before: int = 0      # rows this run did before the loop (in ``checkpoint`` already)
 
 
 def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
@@ -67,7 +68,7 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
                         run.stale_runs_closed, run.job_id)
         begun = start()
         cp = latest = begun.checkpoint
-        first = cp.processed
+        first = cp.processed - begun.rows_before
         if begun.resuming and cp.last_key is not None:
             log.info("resuming %s after key %s (chunk %d, %d rows done)", run.job_id,
                      cp.last_key_json, cp.chunk_index, cp.processed)
@@ -86,7 +87,7 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
                         before_chunk=replica.wait if replica is not None else None)
         latest = loop.checkpoint
         result.status, result.message = loop.status, loop.message
-        result.rows_this_run = loop.rows
+        result.rows_this_run = loop.rows + begun.rows_before
         result.metadata["chunk_size_last"] = loop.last_chunk_size
         if loop.status is Status.COMPLETED:
             finish(begun, loop.checkpoint)

@@ -36,6 +36,7 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
             lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
             replica: str | DbUrl | None = None,
             max_lag: str | float = DEFAULT_MAX_LAG_SECONDS, timezone: str = "UTC",
+            drop_partitions: bool = False,
             dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
             progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
     """Move the rows of ``table`` matching ``where`` into an archive table, in keyset chunks.
@@ -49,6 +50,9 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
     the default, or ``csv``): fsynced and renamed, listed in the directory's manifest with its
     rows and sha256, and only then deleted from the source with the checkpoint.
     ``purge=True`` deletes without archiving; ``no_delete=True`` archives without deleting.
+    ``drop_partitions=True`` (a partitioned table, into a table of the same database or
+    purged) first archives and drops each partition all of whose rows match ``where``, in
+    one transaction per partition, and walks the rest by chunks.
     A missing archive table is created from the source's definition (``create=False``
     refuses instead).
 
@@ -126,7 +130,8 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
         key=opt.parse_names(key, "--key"), create=create, restart=restart, pacing=pacing,
         retry=retry, lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
         state_schema=state_schema, to_dir=Path(to_dir) if to_dir else None,
-        file_format=file_format, timezone=opt.check_timezone(timezone), dest_table=dest_table)
+        file_format=file_format, timezone=opt.check_timezone(timezone), dest_table=dest_table,
+        drop_partitions=drop_partitions)
     if report:
         opt.check_report_path(report)
     prog = progress_for(progress)
@@ -143,6 +148,12 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
             elif not spec.same_database:
                 dconn = pg.connect(dest, "target", autocommit=True, settings=spec.settings)
             plan = make_plan(spec, sconn, dconn, sql_dest)
+            if drop_partitions:
+                from .partitions import check_options, leaves
+
+                check_options(plan)
+                leaves(sconn, plan)  # refuses a table that is not partitioned
+                sconn.rollback()
             if dry_run:
                 return plan_only(plan, sconn)
             guard = api.replica_guard(replica, max_lag)  # --replica: chunks wait while it lags

@@ -66,6 +66,7 @@ class ArchiveSpec:
     file_format: str = "parquet"     # --format, with --to-dir
     timezone: str = "UTC"            # --timezone: the sessions' TimeZone
     dest_table: SqlName | None = None  # the archive table in a MySQL/MariaDB --to
+    drop_partitions: bool = False    # --drop-partitions: whole partitions first
 
     @property
     def archive_name(self) -> str | None:
@@ -99,7 +100,7 @@ class ArchiveSpec:
             "where": self.where, "action": self.action.value, "key": list(self.key or ()),
             "create": self.create, "pacing": dataclasses.asdict(self.pacing),
             "retry": dataclasses.asdict(self.retry), "lock_timeout": self.lock_timeout,
-            "timezone": self.timezone,
+            "timezone": self.timezone, "drop_partitions": self.drop_partitions,
             **({"to_dir": str(self.to_dir), "format": self.file_format}
                if self.to_dir is not None else {}),
         }
@@ -267,7 +268,7 @@ def make_plan(spec: ArchiveSpec, sconn: psycopg.Connection,
 
 def describe_plan(plan: ArchivePlan, resume_after: list[Any] | None, remaining: int,
                   exact: bool, chunk_size: int, first: dict[str, Any] | None,
-                  explain: list[str]) -> str:
+                  explain: list[str], partitions: list[str] | None = None) -> str:
     """The --dry-run text: what would happen, the SQL of one chunk and its EXPLAIN."""
     spec = plan.spec
     about = "" if exact else "~"
@@ -298,6 +299,9 @@ def describe_plan(plan: ArchivePlan, resume_after: list[Any] | None, remaining: 
     ]
     if resume_after is not None:
         lines.append(f"resume:       after key {resume_after}")
+    if partitions is not None:
+        lines.append("partitions (--drop-partitions; judged again, under a lock, by the run):")
+        lines.extend(partitions or ["  none"])
     if spec.pacing.chunk_size:
         chunks = -(-remaining // chunk_size) if remaining else 0
         lines.append(f"rows matching: {about}{remaining:,} in {about}{chunks:,} chunk(s) "

@@ -14,7 +14,7 @@ from ..report import Result, utc_now
 from ..runner import AUTO_FIRST_CHUNK, StopFlag
 from ..sources.pg import PgKeysetSource
 from ..state.store import read_checkpoint, write_checkpoint
-from . import files
+from . import files, partitions
 from .plan import Action, ArchivePlan, describe_plan
 from .step import ArchiveStep, FilesOut
 
@@ -119,9 +119,15 @@ def execute(plan: ArchivePlan, run: JobRun, sconn: psycopg.Connection,
             elif spec.action is not Action.PURGE:
                 table_copy.prepare_target(dconn or sconn, plan.copy)
             cp, resuming = _start(plan, run)
+        step = ArchiveStep(plan, sconn, dconn, run, out)
+        before = cp.processed
+        if spec.drop_partitions:  # whole partitions first; the walk takes what is left
+            cp, step.partitions_dropped, longest = partitions.drop_qualifying(
+                step.sconn, plan, cp, run.run_id)
+            step.longest_transaction = max(step.longest_transaction, longest)
         remaining, exact = table_copy.count_remaining(sconn, plan.copy, cp.last_key)
-        return lifecycle.Start(ArchiveStep(plan, sconn, dconn, run, out), cp, resuming,
-                               f"archive {spec.table}", remaining, exact)
+        return lifecycle.Start(step, cp, resuming, f"archive {spec.table}", remaining, exact,
+                               rows_before=cp.processed - before)
 
     def finish(begun: lifecycle.Start, cp: Checkpoint) -> None:
         with run.store.conn.transaction():
@@ -159,7 +165,8 @@ def dry_run(plan: ArchivePlan, sconn: psycopg.Connection) -> Result:
     reader = PgKeysetSource(sconn, plan.query, binary=plan.copy.binary)
     remaining, exact = table_copy.count_remaining(sconn, plan.copy, after)
     first, explain = _explain_first(plan, reader, after, resume_after, size)
-    text = describe_plan(plan, resume_after, remaining, exact, size, first, explain)
+    parts = partitions.describe(sconn, plan) if spec.drop_partitions else None
+    text = describe_plan(plan, resume_after, remaining, exact, size, first, explain, parts)
     now = utc_now()
     result = Result(job_id=spec.job_id, run_id="dry-run", job_type="archive", started_at=now,
                     completed_at=now, status=Status.COMPLETED, total_items=remaining)

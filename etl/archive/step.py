@@ -89,6 +89,7 @@ class ArchiveStep:
         self.files_out = files_out
         self.run = run
         self.longest_transaction = 0.0  # seconds, of the longest source transaction
+        self.partitions_dropped: list[str] = []  # --drop-partitions, this run
         self._plain_move = True  # same database: the plain statement until a key is met twice
         self._attempting: int | None = None  # the chunk (after index …) last attempted
         self._use_source(sconn)
@@ -145,7 +146,10 @@ class ArchiveStep:
         return stored
 
     def metadata(self) -> dict[str, Any]:
-        return {"longest_transaction_seconds": round(self.longest_transaction, 3)}
+        out: dict[str, Any] = {"longest_transaction_seconds": round(self.longest_transaction, 3)}
+        if self.plan.spec.drop_partitions:
+            out["partitions_dropped"] = self.partitions_dropped
+        return out
 
     def close(self) -> None:
         self.sconn.close()

@@ -36,6 +36,11 @@ from .common import job_options, render, replica_options, timezone_option
 @click.option("--no-delete", is_flag=True,
               help="Archive the matching rows without deleting them (checkpointed: a rerun "
                    "goes on after the last archived key and never archives a row twice).")
+@click.option("--drop-partitions", is_flag=True,
+              help="Partitioned table: first archive and DROP each partition all of whose rows "
+                   "match --where (one transaction a partition: lock, check, INSERT … SELECT, "
+                   "DETACH, DROP), then walk the rest by chunks. Never an empty or DEFAULT "
+                   "partition. With --to-table (same database) or --purge.")
 @click.option("--key", metavar="COL[,COL…]",
               help="Unique, ordered column(s) to walk the table by (default: the primary key).")
 @replica_options
