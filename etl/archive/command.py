@@ -104,20 +104,23 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
     retry = opt.retry_policy(retries, retry_max_wait)
     src = api.resolve_url(source)
     dest = parse(to) if to else src
-    state_url = parse(state) if state else src
-    for url, option in ((src, "--source"), (state_url, "--state")):
-        if not url.is_postgres:
-            raise UsageError(f"{option} {url.masked}: etl archive reads PostgreSQL tables and "
-                             "keeps its state in PostgreSQL (--to may be MySQL/MariaDB)")
+    from_mysql = src.backend in ("mysql", "mariadb")
+    # the state store: the source when it is PostgreSQL, else the embedded PostgreSQL
+    state_url = parse(state) if state else api.resolve_url(None) if from_mysql else src
+    if not src.is_postgres and not from_mysql:
+        raise UsageError(f"--source {src.masked}: etl archive reads PostgreSQL and "
+                         f"MySQL/MariaDB tables, not {src.backend}")
+    if not state_url.is_postgres:
+        raise UsageError(f"--state {state_url.masked}: the state store is a PostgreSQL database")
     to_sql = not dest.is_postgres
     if to_sql and dest.backend not in ("mysql", "mariadb"):
         raise UsageError(f"--to {dest.masked}: an archive goes to PostgreSQL or MySQL/MariaDB "
                          f"(or to files with --to-dir), not {dest.backend}")
-    if to_dir and not state_url.same_database(src):
+    if to_dir and not from_mysql and not state_url.same_database(src):
         raise UsageError(f"--to-dir needs the state store in the source database (drop --state "
                          f"{state_url.masked}): each chunk's checkpoint must commit with its "
                          "delete, or a crash in between could not tell which files are archived")
-    src_table = TableName.parse(table)
+    src_table = TableName.parse(table, "" if from_mysql else "public")
     archive_table = None if purge or to_dir else TableName.parse(to_table) if to_table else src_table
     dest_table = None
     if to_sql:
@@ -126,7 +129,8 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
         dest_table = SqlName.parse(to_table or src_table.name, "mysql")
     spec = ArchiveSpec(
         source=src, dest=dest, state=state_url, table=src_table, archive_table=archive_table,
-        job_id=job or f"archive:{src_table}", where=where, action=action,
+        job_id=job or f"archive:{src_table.name if from_mysql and not src_table.schema else src_table}",
+        where=where, action=action,
         key=opt.parse_names(key, "--key"), create=create, restart=restart, pacing=pacing,
         retry=retry, lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
         state_schema=state_schema, to_dir=Path(to_dir) if to_dir else None,
@@ -136,6 +140,12 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
         opt.check_report_path(report)
     prog = progress_for(progress)
     stop = stop if stop is not None else StopFlag()
+    if from_mysql:
+        result = _archive_mysql(spec, replica, dry_run=dry_run, progress=prog, stop=stop,
+                                report=report)
+        if report:
+            result.write(report)
+        return result
     with stop_on_signals(stop):  # SIGINT/SIGTERM: stop at a chunk boundary (exit 4)
         sconn = pg.connect(src, "source", autocommit=True, settings=spec.settings)
         dconn = None
@@ -170,3 +180,24 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
     if report:
         result.write(report)
     return result
+
+
+def _archive_mysql(spec: ArchiveSpec, replica: object, *, dry_run: bool, progress: Progress,
+                   stop: StopFlag, report: str | Path | None) -> Result:
+    """A MySQL/MariaDB source (etl.archive.mysql_source): same-database table or --purge."""
+    from ..jobrun import JobRun
+    from ..sql_copy.connections import Databases
+    from . import mysql_source
+
+    mysql_source.check_options(spec, replica)
+    dbs = Databases(mysql_source.copy_spec(spec), dry_run=dry_run)
+    try:
+        plan = mysql_source.make_plan(spec, dbs)
+        if dry_run:
+            return mysql_source.dry_run(plan, dbs)
+        with stop_on_signals(stop), JobRun(spec.state, spec.job_id, "archive", spec.args(),
+                                           schema=spec.state_schema) as run:
+            return mysql_source.execute(plan, run, dbs, progress=progress, stop=stop,
+                                        report_path=str(report) if report else None)
+    finally:
+        dbs.dispose()

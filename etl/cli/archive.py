@@ -11,7 +11,8 @@ from .common import job_options, render, replica_options, timezone_option
 @click.command()
 @click.option("--source", metavar="URL", envvar="ETL_SOURCE_URL", show_envvar=True,
               help="PostgreSQL database holding the table to archive (default: the embedded "
-                   "PostgreSQL).")
+                   "PostgreSQL), or a MySQL/MariaDB one (archived into a table of the same "
+                   "database, or purged).")
 @click.option("--table", required=True, metavar="[SCHEMA.]TABLE",
               help="The table to archive rows from.")
 @click.option("--where", required=True, metavar="SQL",
@@ -49,13 +50,14 @@ from .common import job_options, render, replica_options, timezone_option
               help="Create a missing archive table from the source's definition.")
 @click.option("--state", metavar="URL", envvar="ETL_STATE_URL", show_envvar=True,
               help="PostgreSQL URL of the state store (default: the source database, so each "
-                   "chunk's checkpoint commits with its delete).")
+                   "chunk's checkpoint commits with its delete; for a MySQL/MariaDB source, the "
+                   "embedded PostgreSQL).")
 @click.option("--lock-timeout", default="5s", show_default=True, metavar="DURATION",
               help="How long a chunk waits for a row lock (a row an application holds) before "
                    "it is rolled back and retried.")
 @job_options(without=("state", "lock_timeout", "max_errors", "max_error_rate"))
 def archive(**kw: object) -> None:
-    """Move rows matching --where out of a live PostgreSQL table, chunk by chunk.
+    """Move rows matching --where out of a live PostgreSQL (or MySQL/MariaDB) table, chunk by chunk.
 
     The table is walked in keyset chunks on its key. Into a table of the same database,
     each chunk is ONE transaction: DELETE … RETURNING feeds the INSERT into the archive,
