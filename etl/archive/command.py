@@ -43,9 +43,12 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
 
     ``to_table`` names the archive table: in the source database (each chunk is ONE source
     transaction: ``WITH moved AS (DELETE … RETURNING …) INSERT …`` and the checkpoint), or
-    with ``to`` in another PostgreSQL or a MySQL/MariaDB database (each chunk is written there idempotently and
-    committed, then deleted from the source with the checkpoint: a crash in between leaves
-    the rows in both, and the rerun keeps the archive's identical copies and deletes them).
+    with ``to`` in another PostgreSQL or a MySQL/MariaDB database (each chunk is written
+    there idempotently and committed, then deleted from the source with the checkpoint: a
+    crash in between leaves the rows in both, and the rerun keeps the archive's identical
+    copies and deletes them). A MySQL/MariaDB ``source`` is archived into a table of its own
+    database (or purged), one MySQL transaction a chunk; its state store is ``state`` or the
+    embedded PostgreSQL.
     ``to_dir`` writes each chunk to a file in that directory instead (``format`` ``parquet``,
     the default, or ``csv``): fsynced and renamed, listed in the directory's manifest with its
     rows and sha256, and only then deleted from the source with the checkpoint.
@@ -60,8 +63,9 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
     values); ``where`` (trusted SQL) is applied, parenthesised, inside every chunk, so only
     rows matching when their chunk runs move. ``lock_timeout`` bounds each wait for a row
     lock (a timeout rolls the chunk back and retries it); ``timezone`` (default UTC) is the
-    sessions' time zone, in which ``where``'s timestamps and ``now()::date`` are read; ``chunk_size``, ``chunk_seconds``,
-    ``sleep``, ``max_rate`` and ``max_runtime`` pace the job as for :func:`etl.copy`. The
+    sessions' time zone, in which ``where``'s timestamps and ``now()::date`` are read;
+    ``chunk_size``, ``chunk_seconds``, ``sleep``, ``max_rate`` and ``max_runtime`` pace the
+    job as for :func:`etl.copy`. The
     state store is the source database unless ``state`` names another PostgreSQL; the job
     is ``archive:SCHEMA.TABLE`` unless ``job`` is given. A rerun of an unfinished job
     resumes after its checkpoint; a run after a finished one starts a new walk.
@@ -129,7 +133,7 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
         dest_table = SqlName.parse(to_table or src_table.name, "mysql")
     spec = ArchiveSpec(
         source=src, dest=dest, state=state_url, table=src_table, archive_table=archive_table,
-        job_id=job or f"archive:{src_table.name if from_mysql and not src_table.schema else src_table}",
+        job_id=job or f"archive:{src_table if src_table.schema else src_table.name}",
         where=where, action=action,
         key=opt.parse_names(key, "--key"), create=create, restart=restart, pacing=pacing,
         retry=retry, lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),

@@ -484,6 +484,12 @@ def test_foreign_key_refuses_the_delete(src: str, dst: str, where_to: str) -> No
     execute(src, f"""CREATE TABLE child (id int PRIMARY KEY, ev_id bigint
                          CONSTRAINT child_ev_fk REFERENCES ev (id));
                      INSERT INTO child VALUES (1, {ref})""")
+    # and a row trigger on the table: it fires for each deleted row, in the chunk's
+    # transaction, so a refused chunk leaves no trace of it either
+    execute(src, """CREATE TABLE ev_deleted (id bigint PRIMARY KEY);
+        CREATE FUNCTION ev_log() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN INSERT INTO ev_deleted VALUES (OLD.id); RETURN OLD; END $$;
+        CREATE TRIGGER ev_log AFTER DELETE ON ev FOR EACH ROW EXECUTE FUNCTION ev_log();""")
     arch = src if where_to == "same" else dst
     extra = ["--to-table", "ev_archive"] + ([] if where_to == "same" else ["--to", dst])
     out = run_etl(*archive_cli(src, *extra, "--chunk-size", "1000", "--json"))
@@ -496,12 +502,14 @@ def test_foreign_key_refuses_the_delete(src: str, dst: str, where_to: str) -> No
     assert report["summary"]["succeeded"] == 1000
     assert scalar(arch, "SELECT count(*) FROM ev_archive") == 1000  # the refused chunk: none
     assert scalar(src, "SELECT count(*) FROM ev") == 5000
+    assert scalar(src, "SELECT count(*) FROM ev_deleted") == 1000  # the trigger's too
     execute(src, "DROP TABLE child")
     rerun = run_etl(*archive_cli(src, *extra, "--chunk-size", "1000", "--json"))
     assert rerun.returncode == 0, rerun.stderr
     doc = json.loads(rerun.stdout)  # (every row matches: 6,000 rows span 6,000 minutes)
     assert doc["summary"]["succeeded"] == 6000 and doc["metadata"]["rows_this_run"] == 5000
     assert_moved_exactly(src, arch, original)
+    assert scalar(src, "SELECT count(*) FROM ev_deleted") == 6000  # once per row moved
 
 
 def test_second_concurrent_run_exits_75(src: str, spawn) -> None:
