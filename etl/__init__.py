@@ -30,6 +30,7 @@ from .model import Category, Mode, Status
 if TYPE_CHECKING:
     from .api import backfill, copy
     from .dlq import list_dead_letters, purge_dead_letters, replay_dead_letters, show_dead_letter
+    from .load_command import load
     from .report import Result
 
 __version__ = "0.1.0"
@@ -51,6 +52,7 @@ __all__ = [
     "backfill",
     "copy",
     "list_dead_letters",
+    "load",
     "purge_dead_letters",
     "replay_dead_letters",
     "show_dead_letter",
@@ -59,6 +61,7 @@ __all__ = [
 _LAZY = {
     "copy": ("etl.api", "copy"),
     "backfill": ("etl.api", "backfill"),
+    "load": ("etl.load_command", "load"),
     "Result": ("etl.report", "Result"),
     "list_dead_letters": ("etl.dlq", "list_dead_letters"),
     "show_dead_letter": ("etl.dlq", "show_dead_letter"),

@@ -48,10 +48,12 @@ def _register() -> None:
     from . import db as db_cmd
     from . import dlq as dlq_cmd
     from . import jobs as jobs_cmd
+    from . import load as load_cmd
 
     cli.add_command(copy_cmd.copy)
     cli.add_command(archive_cmd.archive)
     cli.add_command(backfill_cmd.backfill)
+    cli.add_command(load_cmd.load)
     cli.add_command(db_cmd.db)
     cli.add_command(dlq_cmd.dlq)
     for command in (jobs_cmd.status, jobs_cmd.runs, jobs_cmd.report):

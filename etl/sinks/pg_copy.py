@@ -84,12 +84,23 @@ class PgCopySink:
 
         self.conn = conn
         self.table = table
+        self._columns = columns
         self.binary = binary and not csv
         self._copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {})").format(
             sql.Identifier(table.schema, table.name),
             sql.SQL(", ").join(sql.Identifier(c.name) for c in columns),
             sql.SQL("csv" if csv else "binary" if binary else "text"),
         )
+
+    def set_copy_options(self, options: str) -> None:
+        """COPY with these options instead (``FORMAT csv, DELIMITER '|', …``: etl load)."""
+        from psycopg import sql
+
+        self.binary = False
+        self._copy_sql = sql.SQL("COPY {} ({}) FROM STDIN ({})").format(
+            sql.Identifier(self.table.schema, self.table.name),
+            sql.SQL(", ").join(sql.Identifier(c.name) for c in self._columns),
+            sql.SQL(options))  # type: ignore[arg-type]  # built from sql.Literal values
 
     def start(self) -> CopyStatement:
         """Open one COPY statement: write blocks to it, then ``finish()`` it."""

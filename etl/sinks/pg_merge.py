@@ -100,6 +100,10 @@ class PgMergeSink:
         with self.conn.transaction():
             self.conn.execute(self._create)
 
+    def set_copy_options(self, options: str) -> None:
+        """Stage with these COPY options (``FORMAT csv, DELIMITER '|', …``: etl load)."""
+        self._stage_copy.set_copy_options(options)
+
     def start(self) -> MergeStatement:
         """Open one staging COPY: write blocks to it; ``finish()`` merges them."""
         return MergeStatement(self, self._stage_copy.start())

@@ -1,0 +1,66 @@
+"""`etl load`."""
+
+from __future__ import annotations
+
+import click
+
+from ..load_command import load as run_load
+from .common import job_options, render
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE…")
+@click.option("--target", metavar="URL", envvar="ETL_TARGET_URL", show_envvar=True,
+              help="PostgreSQL database to load into (default: the embedded PostgreSQL).")
+@click.option("--table", required=True, metavar="[SCHEMA.]TABLE",
+              help="The table to load (it must exist).")
+@click.option("--format", "format", metavar="csv",
+              help="The files' format (default: from their extension; .gz/.zst/.bz2 are read "
+                   "as they are). CSV for now.")
+@click.option("--mode", type=click.Choice(["append", "replace", "upsert", "ignore"]),
+              default="append", show_default=True,
+              help="append; replace (empty the table once, at the start); upsert or ignore "
+                   "(on a primary key or unique index among the loaded columns).")
+@click.option("--delimiter", default=",", show_default=True, help="Field separator (one character).")
+@click.option("--quote", default='"', show_default=True, help="Quote character.")
+@click.option("--escape", help="Character that escapes a quote inside a quoted field (default: "
+                               "the quote itself, doubled).")
+@click.option("--header/--no-header", default=True, show_default=True,
+              help="The first line (after --skip-lines) names the columns.")
+@click.option("--null", default="", metavar="TEXT",
+              help="Unquoted text that means NULL (default: an empty unquoted field; a quoted "
+                   "\"\" stays an empty string).")
+@click.option("--encoding", default="UTF8", show_default=True,
+              help="The files' encoding (PostgreSQL's names: UTF8, LATIN1, WIN1252, …).")
+@click.option("--skip-lines", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Lines to skip at the top of each file, before the header.")
+@click.option("--columns", metavar="COL[,COL…]",
+              help="The files' columns, in order (default: the header's names, else the "
+                   "table's columns).")
+@click.option("--rejects", metavar="PATH",
+              help="Append each refused row here as NDJSON: file, line, raw text, error (they "
+                   "are dead letters too).")
+@job_options(without=("state",))
+@click.option("--state", metavar="URL", envvar="ETL_STATE_URL", show_envvar=True,
+              help="Only the target database: the checkpoint commits with each chunk.")
+def load(**kw: object) -> None:
+    """Load CSV files into a PostgreSQL table, in resumable chunks (PostgreSQL's own CSV COPY).
+
+    Each chunk (the next rows of the current file) is one transaction with its checkpoint:
+    the file, the byte after the last row and its line. A rerun resumes exactly there; a
+    file that changed since is refused unless --restart. Rows the database refuses (bad
+    dates, short rows, values too long, constraint violations, invalid UTF-8) are isolated:
+    the good rows load, each refused one becomes a dead letter (`etl dlq list --job JOB`)
+    and, with --rejects, a line of that NDJSON file.
+
+    \b
+    Examples:
+      etl load --target postgresql://app@db/prod --table public.orders orders.csv
+      etl load --table staging.events --delimiter '|' --null '\\N' --rejects bad.ndjson \\
+               'dumps/events-*.csv.gz'
+    """
+    as_json = bool(kw.pop("as_json"))
+    report = kw.pop("report_path")
+    files = kw.pop("files")
+    result = run_load(list(files), report=report, **kw)  # type: ignore[arg-type]
+    render(result, as_json)

@@ -1,0 +1,148 @@
+"""``etl.load(...)``: check the options, resolve the files, plan and run the load under the
+job's lock (the CLI's `etl load` calls exactly this)."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import options as opt
+from .errors import UsageError
+from .model import Mode, TableName
+from .report import Result
+from .retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS
+from .runner import DEFAULT_CHUNK_SECONDS, StopFlag, stop_on_signals
+from .state.schema import DEFAULT_SCHEMA
+from .table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS
+from .thresholds import DEFAULT_MAX_ERROR_RATE, ErrorLimits
+from .urls import DbUrl, parse
+
+if TYPE_CHECKING:
+    from .progress import Progress
+
+_CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
+_COMPRESSED = {".gz", ".gzip", ".zst", ".zstd", ".bz2"}
+
+
+def files_of(patterns: str | Path | list[str | Path] | tuple[str | Path, ...]) -> tuple[Path, ...]:
+    """The files named, globs expanded (sorted), in the order given; none twice."""
+    items = [patterns] if isinstance(patterns, (str, Path)) else list(patterns)
+    if not items:
+        raise UsageError("give at least one FILE to load")
+    out: list[Path] = []
+    for item in items:
+        text = str(item)
+        found = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        if not found:
+            raise UsageError(f"{text}: no file matches")
+        out.extend(Path(f) for f in found if Path(f) not in out)
+    return tuple(out)
+
+
+def format_of(files: tuple[Path, ...], given: str | None) -> str:
+    """--format, else the files' extension (a compression suffix looked through)."""
+    if given:
+        fmt = given.lower()
+    else:
+        kinds = set()
+        for f in files:
+            suffixes = [s.lower() for s in f.suffixes]
+            while suffixes and suffixes[-1] in _COMPRESSED:
+                suffixes.pop()
+            last = suffixes[-1] if suffixes else ""
+            kinds.add("csv" if last in _CSV_SUFFIXES else last.lstrip(".") or "?")
+        if len(kinds) != 1:
+            raise UsageError(f"cannot tell the format of {', '.join(map(str, files))} from their "
+                             "names; give --format csv")
+        fmt = kinds.pop()
+    if fmt in ("parquet", "ndjson", "jsonl", "json"):
+        raise UsageError(f"--format {fmt}: etl load reads CSV files for now (Parquet and NDJSON "
+                         "come with the next part of this work)")
+    if fmt != "csv":
+        raise UsageError(f"--format {fmt!r}: valid formats are csv (parquet and ndjson to come)")
+    return fmt
+
+
+def load(files: str | Path | list[str | Path], *, table: str,
+         target: str | DbUrl | None = None, format: str | None = None,  # noqa: A002
+         mode: str | Mode = Mode.APPEND, delimiter: str = ",", quote: str = '"',
+         escape: str | None = None, header: bool = True, null: str = "",
+         encoding: str = "UTF8", skip_lines: int = 0,
+         columns: str | list[str] | None = None, rejects: str | Path | None = None,
+         job: str | None = None, state: str | DbUrl | None = None,
+         state_schema: str = DEFAULT_SCHEMA, chunk_size: int | str | None = "auto",
+         chunk_seconds: float = DEFAULT_CHUNK_SECONDS, max_rate: float | None = None,
+         sleep: float | None = None, max_runtime: str | float | None = None,
+         retries: int = DEFAULT_RETRIES,
+         retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
+         lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
+         max_errors: int | None = None, max_error_rate: float | None = DEFAULT_MAX_ERROR_RATE,
+         dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
+         progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
+    """Load CSV ``files`` (paths or globs; .gz/.zst/.bz2 read as they are) into ``table`` of
+    ``target`` (PostgreSQL), with PostgreSQL's own CSV COPY, in resumable chunks.
+
+    ``delimiter``, ``quote``, ``escape``, ``null`` (the unquoted text that means NULL;
+    default: an unquoted empty field), ``encoding`` (the files', e.g. ``LATIN1``),
+    ``header`` and ``skip_lines`` say how the files are written; their columns are
+    ``columns``, else the header's names, else the table's columns in order. ``mode`` is
+    ``append``, ``replace`` (the table is emptied once, at the start of a fresh load),
+    ``upsert`` or ``ignore`` (on a primary key or unique index among the loaded columns).
+    Rows PostgreSQL refuses become dead letters (file, line, raw text, error) and lines of
+    ``rejects`` (NDJSON), and count as failed; ``max_errors``/``max_error_rate`` stop the run.
+    The checkpoint (file, byte, line) commits with each chunk in ``target`` — which is the
+    state store — so a rerun resumes exactly; a file changed since is refused unless
+    ``restart``. ``dry_run`` checks the files, the table and the columns and prints the COPY
+    statement, writing nothing. Pacing, retries, ``report``, ``progress`` and ``stop`` are as
+    for :func:`etl.copy`.
+    """
+    from . import api, load_job, pg
+    from .jobrun import JobRun
+    from .progress import progress_for
+
+    paths = files_of(files)
+    fmt = format_of(paths, format)
+    tgt = api.resolve_url(target)
+    if not tgt.is_postgres:
+        raise UsageError(f"--target {tgt.masked}: etl load writes into PostgreSQL for now "
+                         "(MySQL/MariaDB and SQLite targets come with the next part of this work)")
+    if state and not parse(state).same_database(tgt):
+        raise UsageError("--state: a load keeps its checkpoint in the target database (in each "
+                         "chunk's transaction, so a rerun resumes at the exact row); leave "
+                         "--state out or name the target database")
+    name = TableName.parse(table)
+    spec = load_job.LoadSpec(
+        target=tgt, table=name, files=paths, job_id=job or f"load:{name}",
+        mode=opt.parse_mode(mode),
+        csv=load_job.CsvOptions(delimiter=delimiter, quote=quote, escape=escape, header=header,
+                                null=null, encoding=encoding, skip_lines=skip_lines),
+        columns=opt.parse_names(columns, "--columns"),
+        rejects=Path(rejects) if rejects else None, restart=restart,
+        pacing=opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime),
+        retry=opt.retry_policy(retries, retry_max_wait),
+        limits=ErrorLimits(max_errors=max_errors, max_error_rate=max_error_rate),
+        lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
+        state_schema=state_schema)
+    assert fmt == "csv"
+    if report:
+        opt.check_report_path(report)
+    if rejects:
+        Path(rejects).parent.mkdir(parents=True, exist_ok=True)
+    prog = progress_for(progress)
+    stop = stop if stop is not None else StopFlag()
+    with stop_on_signals(stop):
+        conn = pg.connect(tgt, "target", autocommit=True,
+                          settings=pg.lock_timeout_settings(spec.lock_timeout))
+        try:
+            plan = load_job.make_plan(spec, conn)
+            if dry_run:
+                return load_job.dry_run(plan)
+            with JobRun(tgt, spec.job_id, "load", spec.args(), schema=state_schema) as run:
+                result = load_job.execute(plan, run, conn, progress=prog, stop=stop,
+                                          report_path=str(report) if report else None)
+        finally:
+            conn.close()
+    if report:
+        result.write(report)
+    return result

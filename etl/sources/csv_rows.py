@@ -1,0 +1,170 @@
+"""The rows of a CSV file as raw bytes, cut where rows end, for PostgreSQL's own CSV COPY.
+
+PostgreSQL parses and converts the values itself (``COPY … FROM STDIN (FORMAT csv,
+DELIMITER …, QUOTE …, NULL …)``): what ``\\copy`` does, and as exactly. This module only
+finds where each row ends — a newline outside quotes: a quoted field may hold newlines,
+so a line whose quotes are unbalanced goes on with the next — and which line each row
+starts on, so that a row PostgreSQL refuses is reported by file and line, and a resumed
+load starts at the byte after the last committed row. Blank lines are skipped.
+
+The file is read through pyarrow's input streams in blocks (gzip, zstd and bz2 by
+extension), never whole. Rows are handed out through the interface of
+``etl.sources.copy_out.CopyOut`` (``get(1)``, ``more(n)``), so the piecewise writer
+(``etl.piecewise``) streams them as it streams a table's COPY rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# How much of a file is read at once, and how much of its head identifies it.
+READ_BLOCK_BYTES = 1 << 20
+HEAD_BYTES = 64 * 1024
+_COMPRESSED = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
+
+
+@dataclass(frozen=True)
+class FileId:
+    """What identifies a file between runs: a changed file is not resumed."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    head_sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> FileId:
+        st = path.stat()
+        with path.open("rb") as fh:
+            head = hashlib.sha256(fh.read(HEAD_BYTES)).hexdigest()
+        return cls(str(path), st.st_size, st.st_mtime_ns, head)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns,
+                "head_sha256": self.head_sha256}
+
+
+def compression_of(path: Path) -> str | None:
+    return _COMPRESSED.get(path.suffix.lower())
+
+
+@dataclass
+class Position:
+    """Where reading goes on: the byte offset (of the uncompressed data) and its line."""
+
+    offset: int = 0
+    line: int = 1
+
+
+class CsvRows:
+    """Rows of one CSV file from ``start``; ``chunk(n)`` hands out the next ``n``."""
+
+    def __init__(self, path: Path, start: Position, *, quote: bytes = b'"',
+                 escape: bytes | None = None) -> None:
+        import pyarrow as pa
+
+        self.path = path
+        self._quote = quote
+        self._escaped_quote = escape + quote if escape and escape != quote else None
+        self._stream = pa.input_stream(str(path), compression=compression_of(path))
+        self._rows = self._split(start)
+        self.position = Position(start.offset, start.line)  # after the last row handed out
+        self.done = False
+        self._peeked: tuple[bytes, int, int] | None = None
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def _blocks(self, skip: int) -> Iterator[bytes]:
+        """The file's bytes from offset ``skip`` (a compressed file is read up to it)."""
+        while skip > 0:
+            data = self._stream.read(min(skip, READ_BLOCK_BYTES))
+            if not data:
+                return
+            skip -= len(data)
+        while data := self._stream.read(READ_BLOCK_BYTES):
+            yield data
+
+    def _split(self, start: Position) -> Iterator[tuple[bytes, int, int]]:
+        """(row, its first line, the offset after it), blank lines left out."""
+        q, esc = self._quote, self._escaped_quote
+        offset, line = start.offset, start.line
+        pending = b""        # an incomplete last line of the block read so far
+        row: list[bytes] = []  # the lines of a row whose quote is still open
+        row_line, parity = line, 0
+        for block in self._blocks(start.offset):
+            lines = (pending + block).split(b"\n")
+            pending = lines.pop()
+            for text in lines:
+                offset += len(text) + 1
+                if not row:
+                    row_line = line
+                    if not text.strip(b"\r"):  # a blank line: no row
+                        line += 1
+                        continue
+                row.append(text)
+                line += 1
+                parity ^= (text.count(q) - (text.count(esc) if esc else 0)) & 1
+                if not parity:  # every quote opened on the row's lines is closed
+                    yield b"\n".join(row) + b"\n", row_line, offset
+                    row = []
+        if pending or row:  # the last line has no newline, or a quote never closed
+            if not row:
+                row_line = line
+            row.append(pending)
+            offset += len(pending)
+            text = b"\n".join(row)
+            if text.strip(b"\r\n"):
+                yield text + b"\n", row_line, offset
+
+    def chunk(self, size: int) -> CsvChunk:
+        return CsvChunk(self, size)
+
+    def has_more(self) -> bool:
+        """Whether a row is left (read ahead, not handed out)."""
+        if self._peeked is None and not self.done:
+            self._peeked = next(self._rows, None)
+            self.done = self._peeked is None
+        return self._peeked is not None
+
+    def next_row(self) -> tuple[bytes, int] | None:
+        """The next row and its line (None at the end of the file)."""
+        found, self._peeked = self._peeked or next(self._rows, None), None
+        if found is None:
+            self.done = True
+            return None
+        row, line, offset = found
+        self.position = Position(offset, line + row.count(b"\n"))  # the line after the row
+        return row, line
+
+
+class CsvChunk:
+    """The next ``size`` rows of a file, as ``CopyOut`` hands out COPY rows."""
+
+    def __init__(self, rows: CsvRows, size: int) -> None:
+        self._rows = rows
+        self._left = size
+        self.lines: list[int] = []     # the first line of each row handed out, in order
+
+    def get(self, _async: int = 1) -> tuple[int, Any]:
+        if self._left <= 0:
+            return -1, b""
+        found = self._rows.next_row()
+        if found is None:
+            self._left = 0
+            return -1, b""
+        self._left -= 1
+        row, line = found
+        self.lines.append(line)
+        return len(row), row
+
+    def more(self, nbytes: int) -> bytes:
+        return b""  # get() never says "wait": the end it signals is the chunk's
+
+    def read(self) -> bytes:
+        n, row = self.get()
+        return row if n > 0 else b""
