@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -293,8 +294,9 @@ class LoadStep:
         for b in found.bad:  # pieces keep the stream's order: chunk index = offset + index
             bad.append((offset + b.hi - 1, b.error))
             self._bad_bytes[offset + b.hi - 1] = piece.rows(b.hi - 1, b.hi)
+        return None  # nothing carried: the piece's good rows are written already
 
-    def _letters(self, index: int, lines: list[int], bad: list[tuple[int, BaseException]],
+    def _letters(self, index: int, lines: Sequence[int], bad: list[tuple[int, BaseException]],
                  chunk_index: int) -> list[dict[str, Any]]:
         """The dead letters of a chunk's refused rows: file and line, the raw text, its
         fields as the CSV reader sees them, and PostgreSQL's error."""

@@ -62,5 +62,6 @@ def load(**kw: object) -> None:
     as_json = bool(kw.pop("as_json"))
     report = kw.pop("report_path")
     files = kw.pop("files")
+    assert isinstance(files, tuple)
     result = run_load(list(files), report=report, **kw)  # type: ignore[arg-type]
     render(result, as_json)

@@ -7,8 +7,8 @@ so a line whose quotes are unbalanced goes on with the next — and which line e
 starts on, so that a row PostgreSQL refuses is reported by file and line, and a resumed
 load starts at the byte after the last committed row. Blank lines are skipped.
 
-The file is read through pyarrow's input streams in blocks (gzip, zstd and bz2 by
-extension), never whole. Rows are handed out through the interface of
+The file is read in blocks (gzip, bz2 and — through pyarrow — zstd by extension), never
+whole. Rows are handed out through the interface of
 ``etl.sources.copy_out.CopyOut`` (``get(1)``, ``more(n)``), so the piecewise writer
 (``etl.piecewise``) streams them as it streams a table's COPY rows.
 """
@@ -16,6 +16,7 @@ extension), never whole. Rows are handed out through the interface of
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,26 @@ def compression_of(path: Path) -> str | None:
     return _COMPRESSED.get(path.suffix.lower())
 
 
+def open_bytes(path: Path) -> Any:
+    """The file's (uncompressed) bytes as a stream with ``read(n)`` and ``close()``: the
+    standard library for plain, gzip and bz2 files; pyarrow only for zstd (importing it
+    costs ~50 MB of memory)."""
+    kind = compression_of(path)
+    if kind == "gzip":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if kind == "bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
+    if kind == "zstd":
+        import pyarrow as pa
+
+        return pa.input_stream(str(path), compression="zstd")
+    return path.open("rb", buffering=0)
+
+
 @dataclass
 class Position:
     """Where reading goes on: the byte offset (of the uncompressed data) and its line."""
@@ -65,12 +86,10 @@ class CsvRows:
 
     def __init__(self, path: Path, start: Position, *, quote: bytes = b'"',
                  escape: bytes | None = None) -> None:
-        import pyarrow as pa
-
         self.path = path
         self._quote = quote
         self._escaped_quote = escape + quote if escape and escape != quote else None
-        self._stream = pa.input_stream(str(path), compression=compression_of(path))
+        self._stream = open_bytes(path)
         self._rows = self._split(start)
         self.position = Position(start.offset, start.line)  # after the last row handed out
         self.done = False
@@ -148,7 +167,7 @@ class CsvChunk:
     def __init__(self, rows: CsvRows, size: int) -> None:
         self._rows = rows
         self._left = size
-        self.lines: list[int] = []     # the first line of each row handed out, in order
+        self.lines = array("q")        # the first line of each row handed out (8 bytes a row)
 
     def get(self, _async: int = 1) -> tuple[int, Any]:
         if self._left <= 0:

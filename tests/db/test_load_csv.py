@@ -106,6 +106,13 @@ def test_null_marker_header_mapping_gzip_and_modes(dst: str, tmp_path: Path) -> 
     assert ign.ok and ign.succeeded == 0 and ign.skipped == 2
     rep = etl.load(str(g), table="p", target=dst, mode="replace", job="rep")
     assert rep.ok and scalar(dst, "SELECT count(*) FROM p") == 2
+    import pyarrow as pa  # a zstd-compressed file, read through pyarrow
+
+    z = tmp_path / "z.csv.zst"
+    with pa.output_stream(str(z), compression="zstd") as out:
+        out.write(b"id,name,score\n7,zed,7\n8,\"z,z\",8\n")
+    assert etl.load(str(z), table="p", target=dst, job="zst").succeeded == 2
+    assert scalar(dst, "SELECT name FROM p WHERE id = 8") == "z,z"
 
 
 def test_kill_9_in_a_multi_file_load_then_resume_exactly(dst: str, tmp_path: Path,
