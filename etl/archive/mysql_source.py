@@ -39,6 +39,7 @@ from ..sql_copy import plan as sql_plan
 from ..sql_copy_io import describe_error, key_from_json, key_to_json, recategorised
 from ..state.store import read_checkpoint, write_checkpoint
 from .plan import Action, ArchiveSpec
+from .run import finish_in_store, verb_of
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -346,16 +347,11 @@ def execute(plan: MysqlArchivePlan, run: JobRun, dbs: connections.Databases, *,
         return lifecycle.Start(step, cp, found is not None, f"archive {plan.table.name}",
                                remaining)
 
-    def finish(begun: lifecycle.Start, cp: Checkpoint) -> None:
-        with run.store.conn.transaction():
-            write_checkpoint(run.store.conn, cp, finished=True, schema=spec.state_schema)
-
-    verb = {Action.PURGE: "deleted", Action.NO_DELETE: "archived"}.get(spec.action,
-                                                                       "archived and deleted")
-    return lifecycle.execute(run, result, start=start, finish=finish, pacing=spec.pacing,
-                             retry=spec.retry, progress=progress,
+    return lifecycle.execute(run, result, start=start, finish=finish_in_store(run, spec),
+                             pacing=spec.pacing, retry=spec.retry, progress=progress,
                              stop=stop if stop is not None else StopFlag(), state=spec.state,
-                             describe=lambda exc: describe_error(exc, spec.source), verb=verb)
+                             describe=lambda exc: describe_error(exc, spec.source),
+                             verb=verb_of(spec.action))
 
 
 def dry_run(plan: MysqlArchivePlan, dbs: connections.Databases) -> Result:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import lifecycle, pg, table_copy
@@ -15,7 +16,7 @@ from ..runner import AUTO_FIRST_CHUNK, StopFlag
 from ..sources.pg import PgKeysetSource
 from ..state.store import read_checkpoint, write_checkpoint
 from . import files, partitions
-from .plan import Action, ArchivePlan, describe_plan
+from .plan import Action, ArchivePlan, ArchiveSpec, describe_plan
 from .step import ArchiveStep, FilesOut
 
 if TYPE_CHECKING:
@@ -94,6 +95,21 @@ def _start_files(plan: ArchivePlan, run: JobRun) -> tuple[Checkpoint, bool, file
     return cp, resuming, manifest
 
 
+def verb_of(action: Action) -> str:
+    """The report's word for what the job did to its rows."""
+    return {Action.PURGE: "deleted", Action.NO_DELETE: "archived"}.get(action,
+                                                                       "archived and deleted")
+
+
+def finish_in_store(run: JobRun, spec: ArchiveSpec) -> Callable[[lifecycle.Start, Checkpoint], None]:
+    """What ends a completed archive run: its checkpoint marked finished in the state store
+    (the next run starts a new walk)."""
+    def finish(begun: lifecycle.Start, cp: Checkpoint) -> None:
+        with run.store.conn.transaction():
+            write_checkpoint(run.store.conn, cp, finished=True, schema=spec.state_schema)
+    return finish
+
+
 def execute(plan: ArchivePlan, run: JobRun, sconn: psycopg.Connection,
             dconn: psycopg.Connection | None, *, progress: Progress,
             stop: StopFlag | None = None, report_path: str | None = None,
@@ -129,16 +145,11 @@ def execute(plan: ArchivePlan, run: JobRun, sconn: psycopg.Connection,
         return lifecycle.Start(step, cp, resuming, f"archive {spec.table}", remaining, exact,
                                rows_before=cp.processed - before)
 
-    def finish(begun: lifecycle.Start, cp: Checkpoint) -> None:
-        with run.store.conn.transaction():
-            write_checkpoint(run.store.conn, cp, finished=True, schema=spec.state_schema)
-
-    verb = {Action.PURGE: "deleted", Action.NO_DELETE: "archived"}.get(spec.action,
-                                                                       "archived and deleted")
-    return lifecycle.execute(run, result, start=start, finish=finish, pacing=spec.pacing,
-                             retry=spec.retry, progress=progress,
+    return lifecycle.execute(run, result, start=start, finish=finish_in_store(run, spec),
+                             pacing=spec.pacing, retry=spec.retry, progress=progress,
                              stop=stop if stop is not None else StopFlag(), state=spec.state,
-                             describe=lambda exc: pg.describe_error(exc, spec.source), verb=verb,
+                             describe=lambda exc: pg.describe_error(exc, spec.source),
+                             verb=verb_of(spec.action),
                              replica=replica)
 
 
