@@ -13,6 +13,7 @@ from .model import Mode, TableName
 from .report import Result
 from .retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS
 from .runner import DEFAULT_CHUNK_SECONDS, StopFlag, stop_on_signals
+from .sources.csv_rows import COMPRESSIONS
 from .state.schema import DEFAULT_SCHEMA
 from .table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS
 from .thresholds import DEFAULT_MAX_ERROR_RATE, ErrorLimits
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     from .progress import Progress
 
 _CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
-_COMPRESSED = {".gz", ".gzip", ".zst", ".zstd", ".bz2"}
 
 
 def files_of(patterns: str | Path | list[str | Path] | tuple[str | Path, ...]) -> tuple[Path, ...]:
@@ -48,7 +48,7 @@ def format_of(files: tuple[Path, ...], given: str | None) -> str:
         kinds = set()
         for f in files:
             suffixes = [s.lower() for s in f.suffixes]
-            while suffixes and suffixes[-1] in _COMPRESSED:
+            while suffixes and suffixes[-1] in COMPRESSIONS:
                 suffixes.pop()
             last = suffixes[-1] if suffixes else ""
             kinds.add("csv" if last in _CSV_SUFFIXES else last.lstrip(".") or "?")

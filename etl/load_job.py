@@ -35,7 +35,7 @@ from .retry import RetryPolicy
 from .runner import Pacing, StepOutcome, StopFlag
 from .sinks.pg_copy import PgCopySink, WriteStats
 from .sinks.pg_merge import PgMergeSink
-from .sources.csv_rows import CsvRows, FileId, Position
+from .sources.csv_rows import HEAD_BYTES, CsvRows, FileId, Position
 from .sources.pg import Piece, RowStream
 from .state.store import insert_dead_letters, read_checkpoint, write_checkpoint
 from .thresholds import ErrorLimits
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 # Rows a COPY statement of a chunk holds: a refused one wastes at most this much work.
 PIECE_ROWS = 10_000
 FILES_KEY = "files"  # the checkpoint's watermark: the identity of each file of the job
-HEAD_SAMPLE_BYTES = 64 * 1024  # bytes per line for the progress estimate, from this much
 
 
 @dataclass(frozen=True)
@@ -141,6 +140,13 @@ def make_plan(spec: LoadSpec, conn: psycopg.Connection) -> LoadPlan:
     by_name = {c.name: c for c in info.columns}
     names = spec.columns or (_header(spec.files[0], spec.csv) if spec.csv.header else None) \
         or tuple(by_name)
+    if spec.csv.header and not spec.columns:  # every file's header must name the same columns
+        for f in spec.files[1:]:
+            other = _header(f, spec.csv)
+            if other != names:
+                raise UsageError(f"{f}: its header ({', '.join(other)}) differs from "
+                                 f"{spec.files[0]}'s ({', '.join(names)}); load the files "
+                                 "separately, or give --columns")
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise UsageError(f"{spec.files[0]}: column(s) {', '.join(unknown)} are not in "
@@ -431,7 +437,7 @@ def _estimate_rows(spec: LoadSpec, cp: Checkpoint) -> int:
     a compressed file counts its compressed bytes)."""
     index, at = _position(cp)
     with spec.files[0].open("rb") as fh:
-        head = fh.read(HEAD_SAMPLE_BYTES)
+        head = fh.read(HEAD_BYTES)
     per_line = max(len(head) / max(head.count(b"\n"), 1), 1.0)
     left = sum(f.stat().st_size for f in spec.files[index:]) - at.offset
     return max(int(left / per_line), 0)

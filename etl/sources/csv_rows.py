@@ -25,7 +25,7 @@ from typing import Any
 # How much of a file is read at once, and how much of its head identifies it.
 READ_BLOCK_BYTES = 1 << 20
 HEAD_BYTES = 64 * 1024
-_COMPRESSED = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
+COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class FileId:
 
 
 def compression_of(path: Path) -> str | None:
-    return _COMPRESSED.get(path.suffix.lower())
+    return COMPRESSIONS.get(path.suffix.lower())
 
 
 def open_bytes(path: Path) -> Any:
@@ -90,16 +90,26 @@ class CsvRows:
         self._quote = quote
         self._escaped_quote = escape + quote if escape and escape != quote else None
         self._stream = open_bytes(path)
+        self._seekable = compression_of(path) is None
         self._rows = self._split(start)
-        self.position = Position(start.offset, start.line)  # after the last row handed out
+        self._offset, self._line = start.offset, start.line  # after the last row handed out
         self.done = False
-        self._peeked: tuple[bytes, int, int] | None = None
+        self._peeked: tuple[bytes, int, int, int] | None = None
+
+    @property
+    def position(self) -> Position:
+        """Where the rows not handed out yet begin."""
+        return Position(self._offset, self._line)
 
     def close(self) -> None:
         self._stream.close()
 
     def _blocks(self, skip: int) -> Iterator[bytes]:
-        """The file's bytes from offset ``skip`` (a compressed file is read up to it)."""
+        """The file's bytes from offset ``skip`` (a plain file seeks there, a compressed one
+        is read up to it)."""
+        if skip and self._seekable:
+            self._stream.seek(skip)
+            skip = 0
         while skip > 0:
             data = self._stream.read(min(skip, READ_BLOCK_BYTES))
             if not data:
@@ -108,8 +118,8 @@ class CsvRows:
         while data := self._stream.read(READ_BLOCK_BYTES):
             yield data
 
-    def _split(self, start: Position) -> Iterator[tuple[bytes, int, int]]:
-        """(row, its first line, the offset after it), blank lines left out."""
+    def _split(self, start: Position) -> Iterator[tuple[bytes, int, int, int]]:
+        """(row, its first line, the offset and the line after it), blank lines left out."""
         q, esc = self._quote, self._escaped_quote
         offset, line = start.offset, start.line
         pending = b""        # an incomplete last line of the block read so far
@@ -129,7 +139,7 @@ class CsvRows:
                 line += 1
                 parity ^= (text.count(q) - (text.count(esc) if esc else 0)) & 1
                 if not parity:  # every quote opened on the row's lines is closed
-                    yield b"\n".join(row) + b"\n", row_line, offset
+                    yield b"\n".join(row) + b"\n", row_line, offset, line
                     row = []
         if pending or row:  # the last line has no newline, or a quote never closed
             if not row:
@@ -138,7 +148,7 @@ class CsvRows:
             offset += len(pending)
             text = b"\n".join(row)
             if text.strip(b"\r\n"):
-                yield text + b"\n", row_line, offset
+                yield text + b"\n", row_line, offset, line + 1
 
     def chunk(self, size: int) -> CsvChunk:
         return CsvChunk(self, size)
@@ -156,8 +166,7 @@ class CsvRows:
         if found is None:
             self.done = True
             return None
-        row, line, offset = found
-        self.position = Position(offset, line + row.count(b"\n"))  # the line after the row
+        row, line, self._offset, self._line = found
         return row, line
 
 

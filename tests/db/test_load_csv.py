@@ -170,3 +170,25 @@ def test_dry_run_and_usage_errors(dst: str, tmp_path: Path) -> None:
     assert out.returncode == 2
     out = run_etl("load", "--target", dst, "--table", "d", str(tmp_path / "missing-*.csv"))
     assert out.returncode == 2 and "no file matches" in out.stderr
+
+
+def test_a_gzip_file_resumes_exactly_and_headers_must_agree(dst: str, tmp_path: Path) -> None:
+    execute(dst, "CREATE TABLE z (id int PRIMARY KEY, v text)")
+    f = tmp_path / "z.csv.gz"  # a resumed compressed file is read up to the stored offset
+    f.write_bytes(gzip.compress(("id,v\n" + "".join(f'{i},"v\n{i}"\n' for i in range(3000)))
+                                .encode()))
+    stop = StopFlag()
+    first = etl.load(str(f), table="z", target=dst, chunk_size=700, progress=StopAfter(stop, 2),
+                     stop=stop)
+    assert first.status is etl.Status.STOPPED and first.succeeded == 1400
+    rest = etl.load(str(f), table="z", target=dst)
+    assert rest.ok and rest.rows_this_run == 1600
+    with psycopg.connect(dst, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT id), sum(id) FROM z").fetchone() \
+            == (3000, 3000, sum(range(3000)))
+        assert conn.execute("SELECT count(*) FROM z WHERE v <> 'v' || chr(10) || id").fetchone() \
+            == (0,)
+    g = tmp_path / "other.csv"
+    g.write_text("v,id\nx,5000\n")
+    out = run_etl("load", "--target", dst, "--table", "z", str(f), str(g))
+    assert out.returncode == 2 and "differs from" in out.stderr, out.stderr
