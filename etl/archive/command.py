@@ -13,10 +13,10 @@ from ..replica import DEFAULT_MAX_LAG_SECONDS
 from ..report import Result
 from ..retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS
 from ..runner import DEFAULT_CHUNK_SECONDS, StopFlag, stop_on_signals
+from ..sinks.files import check_format
 from ..state.schema import DEFAULT_SCHEMA
 from ..table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS
 from ..urls import DbUrl, parse
-from .files import check_format
 from .plan import Action, ArchiveSpec
 
 if TYPE_CHECKING:

@@ -278,7 +278,7 @@ def describe_plan(plan: ArchivePlan, resume_after: list[Any] | None, remaining: 
         spec.action, f"{spec.dest.masked}  table {spec.archive_name}"
         + ("  (missing: would be created)" if creates else ""))
     if spec.to_dir is not None:
-        from .files import job_prefix
+        from ..sinks.files import job_prefix
 
         to = (f"{spec.to_dir}  {spec.file_format} files {job_prefix(spec.job_id)}.wNNNN.NNNNNN."
               f"{spec.file_format}, manifest {job_prefix(spec.job_id)}.manifest.json"

@@ -13,9 +13,10 @@ from ..errors import EtlError
 from ..model import Checkpoint, Status
 from ..report import Result, utc_now
 from ..runner import AUTO_FIRST_CHUNK, StopFlag
+from ..sinks import files
 from ..sources.pg import PgKeysetSource
 from ..state.store import read_checkpoint, write_checkpoint
-from . import files, partitions
+from . import partitions
 from .plan import Action, ArchivePlan, ArchiveSpec, describe_plan
 from .step import ArchiveStep, FilesOut
 

@@ -19,7 +19,7 @@ there already (``etl.archive.sql_dest``).
 
 Files (--to-dir): the source transaction deletes (or selects) the chunk's rows with
 ``COPY (…) TO STDOUT (FORMAT csv, HEADER)``; they are written to the chunk's file, which is
-fsynced and renamed, its manifest entry written (``etl.archive.files``), and only then does
+fsynced and renamed, its manifest entry written (``etl.sinks.files``), and only then does
 the source transaction commit the delete with the checkpoint.
 """
 
@@ -37,12 +37,12 @@ from ..errors import SourceError, TargetError
 from ..model import Checkpoint, TableName
 from ..report import utc_now
 from ..runner import StepOutcome
+from ..sinks import files
 from ..sinks.pg_copy import PgCopySink
 from ..sources.copy_out import blocks_of, rows_of
 from ..sources.pg import Bound, PgKeysetSource
 from ..sql_copy_io import row_bytes
 from ..state.store import committed_after_all, schema_sql, write_checkpoint
-from . import files
 from .plan import STAGE_TABLE, Action, ArchivePlan
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ class ArchiveStep:
         stored = committed_after_all(conn, spec.job_id, self.run.run_id, cp, spec.state_schema)
         if stored is not None and self.files_out is not None:  # its file is archived: report it
             out = self.files_out
-            entry = out.manifest.entries.get((self._walk(stored), stored.chunk_index))
+            entry = out.manifest.entry(self._walk(stored), stored.chunk_index)
             path = str(out.manifest.dir / entry.file) if entry is not None else None
             if path is not None and path not in out.written:
                 out.written.append(path)

@@ -102,3 +102,22 @@ def blocks_of(conn: psycopg.Connection, statement: Any, params: Any = None) -> I
                 buf.clear()
     if buf:
         yield bytes(buf)
+
+
+def copy_to(conn: psycopg.Connection, statement: Any, params: Any, write: Any) -> int:
+    """Send the COPY data of ``statement`` to ``write(block)`` in blocks of about
+    ``COPY_BLOCK_BYTES``; the rows the server sent ("COPY n")."""
+    buf = bytearray()
+    with rows_of(conn, statement, params) as out:
+        get, more = out.get, out.more
+        while True:
+            nbytes, row = get(1)
+            if nbytes <= 0 and not (row := more(nbytes)):
+                break
+            buf += row
+            if len(buf) >= COPY_BLOCK_BYTES:
+                write(bytes(buf))
+                buf.clear()
+    if buf:
+        write(bytes(buf))
+    return out.rowcount

@@ -74,7 +74,7 @@ def typed_rows(url: str, table: str = "ev", where: str = "true") -> dict[int, tu
 
 
 def manifest(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / f"{PREFIX}.manifest.json").read_text())
+    return json.loads((directory / f"_{PREFIX}.manifest.json").read_text())
 
 
 def sha256(path: Path) -> str:
@@ -94,7 +94,7 @@ def assert_manifest_matches_disk(directory: Path) -> list[dict[str, Any]]:
         assert path.stat().st_size == e["bytes"]
         assert file_rows(path) == e["rows"] > 0
     on_disk = sorted(p.name for p in directory.iterdir())
-    assert on_disk == sorted([*(e["file"] for e in entries), f"{PREFIX}.manifest.json"])
+    assert on_disk == sorted([*(e["file"] for e in entries), f"_{PREFIX}.manifest.json"])
     positions = [(e["walk"], e["chunk_index"]) for e in entries]
     assert len(set(positions)) == len(positions)
     return entries
@@ -137,7 +137,7 @@ def test_parquet_files_hold_the_archived_rows_exactly(src: str, tmp_path: Path) 
     doc = result.to_dict()
     assert doc["summary"]["succeeded"] == ROWS // 2
     entries = assert_manifest_matches_disk(out)
-    assert doc["artifacts"]["manifest"] == str(out / f"{PREFIX}.manifest.json")
+    assert doc["artifacts"]["manifest"] == str(out / f"_{PREFIX}.manifest.json")
     assert doc["artifacts"]["output_files"] == [str(out / e["file"]) for e in entries]
     assert sum(e["rows"] for e in entries) == ROWS // 2
     assert [e["chunk_index"] for e in entries] == list(range(1, len(entries) + 1))
@@ -309,7 +309,7 @@ def test_leftovers_of_a_crash_are_removed_and_foreign_dirs_refused(src: str,
     kept = {e["file"]: e["sha256"] for e in manifest(out)["files"]}
     # what a kill leaves: a temporary file, a spool, a renamed file never listed
     for stray in (f".{PREFIX}.w0002.000001.parquet.tmp", f".{PREFIX}.w0002.000001.parquet.csv.tmp",
-                  f"{PREFIX}.w0002.000001.parquet", f".{PREFIX}.manifest.json.tmp"):
+                  f"{PREFIX}.w0002.000001.parquet", f"._{PREFIX}.manifest.json.tmp"):
         (out / stray).write_bytes(b"partial")
     (out / "someone-elses.parquet").write_bytes(b"not ours")
     r2 = etl.archive(source=src, table="ev", where="id <= 600", to_dir=out, chunk_size=200)
@@ -322,7 +322,7 @@ def test_leftovers_of_a_crash_are_removed_and_foreign_dirs_refused(src: str,
     other = etl.archive(source=src, table="ev", where="id <= 700", to_dir=out, job="other:ev",
                         chunk_size=200)
     assert other.status.value == "completed"  # its own prefix: both jobs share DIR fine
-    (out / f"{PREFIX}.manifest.json").rename(tmp_path / "saved.json")
+    (out / f"_{PREFIX}.manifest.json").rename(tmp_path / "saved.json")
     res = run_etl(*archive_cli(src, "--to-dir", str(out)))
     assert res.returncode == 1 and "not its manifest" in res.stderr, res.stderr
     assert scalar(src, "SELECT min(id) FROM ev") == 701

@@ -112,7 +112,7 @@ def test_kill_after_the_file_is_durable_before_the_delete_commits(src: str, tmp_
         done = checkpointed(src) // 1000
 
         def pending() -> bool:
-            path = out / f"{PREFIX}.manifest.json"
+            path = out / f"_{PREFIX}.manifest.json"
             return path.exists() and len(manifest(out)["files"]) > done
 
         wait_until("a chunk's file in the manifest, its delete not committed", pending, proc)

@@ -1,13 +1,15 @@
-"""`etl archive --to-dir DIR --format parquet|csv`: chunk files and their manifest.
+"""Chunk files and their manifest: `etl archive --to-dir DIR` and `etl export --to DIR`.
 
-Each chunk's rows (the rows its source transaction deletes, or selects with --no-delete)
+For the archive, each chunk's rows (the rows its source transaction deletes, or selects with --no-delete)
 arrive as PostgreSQL CSV COPY output. They are written under a temporary name in DIR, the
 file is fsynced, renamed to its final name and the directory fsynced; then the chunk's
 entry (file, rows, bytes, sha256, key range) replaces any earlier entry for that chunk in
 the manifest, which is written the same way (temp, fsync, rename, fsync the directory).
 Only then does the caller commit the source transaction with the checkpoint.
 
-Names: ``<prefix>.w<walk>.<chunk>.<ext>`` with ``prefix`` derived from the job id, ``walk``
+(`etl export` writes the same way, see ``etl.export``.)
+
+Names: ``<prefix>.w<walk>.<chunk>.<ext>`` (in a ``col=value/`` directory when partitioned) with ``prefix`` derived from the job id, ``walk``
 the number of the job's walk over the table (stored with the checkpoint, see
 :data:`WALK_KEY`) and ``chunk`` the chunk's index in that walk: a chunk replayed after a
 crash gets the same name, and a later walk never reuses an earlier walk's names.
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 
 FileFormat = Literal["parquet", "csv"]
 FORMATS: tuple[str, ...] = ("parquet", "csv")
+# Every file name a manifest may list (export also writes NDJSON and compressed text).
+_FILE_SUFFIXES = r"(?:parquet|csv|ndjson)(?:\.gz|\.zst)?"
 # The checkpoint's watermark key holding the walk number of a --to-dir job (written with the
 # checkpoint, so the walk a file belongs to commits with the chunk's delete).
 WALK_KEY = "files_walk"
@@ -145,6 +149,7 @@ class Entry:
     sha256: str
     written_at: str
     run_id: str | None
+    partition: dict[str, str | None] | None = None  # export --partition-by: column → value
 
     @property
     def position(self) -> tuple[int, int]:
@@ -152,17 +157,19 @@ class Entry:
 
 
 class Manifest:
-    """``DIR/<prefix>.manifest.json``: every chunk file of the job, rewritten atomically."""
+    """``DIR/_<prefix>.manifest.json``: every chunk file of the job, rewritten atomically."""
 
     def __init__(self, directory: Path, job_id: str, table: str) -> None:
         self.dir = directory
         self.job_id = job_id
         self.table = table
         self.prefix = job_prefix(job_id)
-        self.path = directory / f"{self.prefix}.manifest.json"
-        self.entries: dict[tuple[int, int], Entry] = {}
+        # "_" first: readers of the directory (pyarrow, Spark, polars) skip such files
+        self.path = directory / f"_{self.prefix}.manifest.json"
+        self.entries: dict[tuple[int, int, str], Entry] = {}  # by (walk, chunk, file)
+        self.extra: dict[str, Any] = {}  # more of the document (export: format, schema, …)
         self._file_re = re.compile(
-            rf"{re.escape(self.prefix)}\.w\d{{4,}}\.\d{{6,}}\.(?:{'|'.join(FORMATS)})")
+            rf"{re.escape(self.prefix)}\.w\d{{4,}}\.\d{{6,}}\.{_FILE_SUFFIXES}")
 
     def load(self) -> Manifest:
         if not self.path.exists():
@@ -178,13 +185,21 @@ class Manifest:
             raise UsageError(f"{self.path} is the manifest of job {doc.get('job_id')!r}, not "
                              f"{self.job_id!r}; give this job another --to-dir or --job")
         for raw in doc.get("files", []):
-            entry = Entry(**raw)
-            self.entries[entry.position] = entry
+            self._add(Entry(**raw))
+        known = {"version", "job_id", "table", "updated_at", "files"}
+        self.extra = {k: v for k, v in doc.items() if k not in known}
         return self
+
+    def _add(self, entry: Entry) -> None:
+        self.entries[(*entry.position, entry.file)] = entry
+
+    def entry(self, walk: int, chunk_index: int) -> Entry | None:
+        """The (first) file of a chunk."""
+        return next((e for e in self.entries.values() if e.position == (walk, chunk_index)), None)
 
     def save(self) -> None:
         doc = {"version": MANIFEST_VERSION, "job_id": self.job_id, "table": self.table,
-               "updated_at": utc_now(),
+               **self.extra, "updated_at": utc_now(),
                "files": [asdict(self.entries[p]) for p in sorted(self.entries)]}
         tmp = temp_path(self.path)
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -194,30 +209,38 @@ class Manifest:
 
     @property
     def last_walk(self) -> int:
-        return max((w for w, _ in self.entries), default=0)
+        return max((w for w, _, _ in self.entries), default=0)
 
-    def put(self, entry: Entry) -> None:
-        self.entries[entry.position] = entry
+    def put(self, *entries: Entry) -> None:
+        for entry in entries:
+            self._add(entry)
         self.save()
 
     def drop_after(self, walk: int, chunk_index: int) -> list[Entry]:
         """Forget (and delete the files of) every entry past (walk, chunk_index): chunks whose
         source transaction did not commit. The manifest is saved before files go."""
-        gone = [e for p, e in self.entries.items() if p > (walk, chunk_index)]
+        gone = [(k, e) for k, e in self.entries.items() if e.position > (walk, chunk_index)]
         if not gone:
             return []
-        for e in gone:
-            del self.entries[e.position]
+        for k, _ in gone:
+            del self.entries[k]
         self.save()
-        for e in gone:
+        for _, e in gone:
             with contextlib.suppress(FileNotFoundError):
                 (self.dir / e.file).unlink()
-        return gone
+        return [e for _, e in gone]
 
-    def data_files(self) -> Iterator[Path]:
+    def _walk_dir(self) -> Iterator[Path]:
+        """Every file under DIR (partition directories included), in name order."""
         if not self.dir.is_dir():
             return
-        for p in sorted(self.dir.iterdir()):
+        for root, dirs, names in os.walk(self.dir):
+            dirs.sort()
+            for name in sorted(names):
+                yield Path(root) / name
+
+    def data_files(self) -> Iterator[Path]:
+        for p in self._walk_dir():
             if self._file_re.fullmatch(p.name):
                 yield p
 
@@ -226,13 +249,14 @@ class Manifest:
         (renamed just before a crash, their chunk never committed). Under the job's lock."""
         listed = {e.file for e in self.entries.values()}
         removed = []
-        for p in sorted(self.dir.iterdir()) if self.dir.is_dir() else []:
-            tmp = p.name.startswith(f".{self.prefix}.") and p.name.endswith(TMP_SUFFIX)
-            if tmp or (self._file_re.fullmatch(p.name) and p.name not in listed):
+        for p in list(self._walk_dir()):
+            name = p.relative_to(self.dir).as_posix()
+            tmp = p.name.startswith((f".{self.prefix}.", f"._{self.prefix}.")) \
+                and p.name.endswith(TMP_SUFFIX)
+            if tmp or (self._file_re.fullmatch(p.name) and name not in listed):
                 p.unlink()
-                removed.append(p.name)
-        if removed:
-            fsync_dir(self.dir)
+                fsync_dir(p.parent)
+                removed.append(name)
         return removed
 
 
@@ -285,13 +309,35 @@ def csv_to_parquet(spool: Path, final: Path, columns: tuple[Column, ...]) -> Wri
     """Convert a chunk's CSV COPY output (``spool``) to Parquet with each column's exact
     type, batch by batch (memory: a few CSV blocks), and publish it as ``final``."""
     import pyarrow as pa
-    import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
     types = {c.name: arrow_type(c.type_sql) for c in columns}
-    read_as = {n: (pa.string() if t == pa.binary() else t) for n, t in types.items()}
     schema = pa.schema([pa.field(c.name, types[c.name], nullable=not c.not_null)
                         for c in columns])
+    tmp = temp_path(final)
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in csv_batches(spool, {n: (pa.string() if t == pa.binary() else t)
+                                             for n, t in types.items()}):
+                arrays = [_as(batch.column(i), types[c.name]) for i, c in enumerate(columns)]
+                writer.write_batch(pa.record_batch(arrays, schema=schema))
+                rows += batch.num_rows
+    except TargetError:
+        tmp.unlink(missing_ok=True)
+        raise
+    size, sha = tmp.stat().st_size, sha256_of(tmp)
+    publish(tmp, final)
+    return Written(rows=rows, bytes=size, sha256=sha)
+
+
+def csv_batches(spool: Path, read_as: dict[str, pa.DataType]) -> Iterator[pa.RecordBatch]:
+    """The record batches of a file of PostgreSQL's CSV COPY output (exact text forms: see
+    COPY_SETTINGS), each column read as ``read_as`` says; a value Arrow cannot hold is a
+    TargetError that says what to do."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
     reader = _open_csv(
         spool, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
         parse_options=pcsv.ParseOptions(newlines_in_values=True),
@@ -299,24 +345,18 @@ def csv_to_parquet(spool: Path, final: Path, columns: tuple[Column, ...]) -> Wri
             column_types=read_as, null_values=[""], strings_can_be_null=True,
             quoted_strings_can_be_null=False, true_values=["t"], false_values=["f"],
             timestamp_parsers=["%Y-%m-%d %H:%M:%S%z", pcsv.ISO8601]))
-    tmp = temp_path(final)
-    rows = 0
     try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for batch in reader:
-                arrays = [_as(batch.column(i), types[c.name]) for i, c in enumerate(columns)]
-                writer.write_batch(pa.record_batch(arrays, schema=schema))
-                rows += batch.num_rows
+        yield from reader
     except (pa.ArrowInvalid, ValueError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise TargetError(
-            f"a row of this chunk cannot be written to {final.name} as Parquet ({exc}); "
-            "the chunk was rolled back and its rows stay in the source. Values Arrow cannot "
-            "hold (NaN in a numeric(p,s), an infinite date or timestamp, a year past 9999) "
-            "need --format csv, or a --where that leaves those rows") from exc
-    size, sha = tmp.stat().st_size, sha256_of(tmp)
-    publish(tmp, final)
-    return Written(rows=rows, bytes=size, sha256=sha)
+        raise _not_arrow(exc) from exc
+
+
+def _not_arrow(exc: BaseException) -> TargetError:
+    return TargetError(
+        f"a row of this chunk cannot be converted to Parquet ({exc}); nothing of the chunk "
+        "was kept (an archive's rows stay in the source). Values Arrow cannot hold (NaN in a "
+        "numeric(p,s), an infinite date or timestamp, a year past 9999) need --format csv, "
+        "or a --where that leaves those rows")
 
 
 def _open_csv(spool: Path, **options: Any) -> Any:
@@ -326,11 +366,7 @@ def _open_csv(spool: Path, **options: Any) -> Any:
     try:
         return pcsv.open_csv(spool, **options)
     except pa.ArrowInvalid as exc:  # the first block is read (and converted) at once
-        raise TargetError(
-            f"a row of this chunk cannot be converted to Parquet ({exc}); the chunk was rolled "
-            "back and its rows stay in the source. Values Arrow cannot hold (NaN in a "
-            "numeric(p,s), an infinite date or timestamp, a year past 9999) need --format csv, "
-            "or a --where that leaves those rows") from exc
+        raise _not_arrow(exc) from exc
 
 
 def _as(array: pa.Array, target: pa.DataType) -> pa.Array:
@@ -339,10 +375,19 @@ def _as(array: pa.Array, target: pa.DataType) -> pa.Array:
 
     if target != pa.binary():
         return array
-    return pa.array([None if v is None else bytes.fromhex(v[2:]) for v in array.to_pylist()],
-                    pa.binary())
+    return hex_to_binary(array)
+
+
+def hex_to_binary(array: pa.Array) -> pa.Array:
+    """PostgreSQL's hex text of bytea values (``\\x0a1b…``) as binary."""
+    import polars as pl
+    import pyarrow as pa
+
+    decoded = pl.Series(array).str.strip_prefix("\\x").str.decode("hex")
+    return decoded.to_arrow().cast(pa.binary())
 
 
 __all__ = ["COPY_SETTINGS", "CheckpointMoved", "FORMATS", "WALK_KEY", "Entry", "FileFormat", "Manifest",
-           "arrow_type", "check_format", "chunk_file_name", "csv_to_parquet", "ensure_dir",
+           "arrow_type", "check_format", "chunk_file_name", "csv_batches", "csv_to_parquet",
+           "ensure_dir", "hex_to_binary",
            "job_prefix", "publish", "spool", "temp_path"]
