@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-# Not lazy like the others: the function shares its name with the package etl.archive, and
-# importing that package (the CLI does) would bind the module here instead of the function.
-# etl.archive imports nothing heavy.
+# Not lazy like the others: these functions share their names with the packages etl.archive
+# and etl.export, and importing a package (the CLI does) would bind the module here instead
+# of the function. Neither package imports anything heavy.
 from .archive import archive
 from .errors import (
     EtlError,
@@ -25,6 +25,7 @@ from .errors import (
     TargetError,
     UsageError,
 )
+from .export import export
 from .model import Category, Mode, Status
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ __all__ = [
     "archive",
     "backfill",
     "copy",
+    "export",
     "list_dead_letters",
     "load",
     "purge_dead_letters",

@@ -47,6 +47,7 @@ def _register() -> None:
     from . import copy as copy_cmd
     from . import db as db_cmd
     from . import dlq as dlq_cmd
+    from . import export as export_cmd
     from . import jobs as jobs_cmd
     from . import load as load_cmd
 
@@ -54,6 +55,7 @@ def _register() -> None:
     cli.add_command(archive_cmd.archive)
     cli.add_command(backfill_cmd.backfill)
     cli.add_command(load_cmd.load)
+    cli.add_command(export_cmd.export)
     cli.add_command(db_cmd.db)
     cli.add_command(dlq_cmd.dlq)
     for command in (jobs_cmd.status, jobs_cmd.runs, jobs_cmd.report):

@@ -1,0 +1,119 @@
+"""``etl.export(...)``: check the options, plan and run the export under the job's lock (the
+CLI's `etl export` calls exactly this)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import options as opt
+from ..errors import UsageError
+from ..model import TableName
+from ..report import Result
+from ..retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS
+from ..runner import DEFAULT_CHUNK_SECONDS, StopFlag, stop_on_signals
+from ..state.schema import DEFAULT_SCHEMA
+from ..urls import DbUrl, parse
+from .plan import JSON_AS, PARQUET_MAX_CHUNK, ExportSpec, check_compression, check_format
+
+if TYPE_CHECKING:
+    from ..progress import Progress
+
+
+def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | None = None,
+           query: str | None = None, key: str | list[str] | None = None,
+           columns: str | list[str] | None = None, where: str | None = None,
+           format: str | None = None,  # noqa: A002
+           rows_per_file: int | None = None, compression: str | None = None,
+           partition_by: str | list[str] | None = None, json_as: str = "string",
+           job: str | None = None, state: str | DbUrl | None = None,
+           state_schema: str = DEFAULT_SCHEMA, chunk_size: int | str | None = "auto",
+           chunk_seconds: float = DEFAULT_CHUNK_SECONDS, max_rate: float | None = None,
+           sleep: float | None = None, max_runtime: str | float | None = None,
+           retries: int = DEFAULT_RETRIES,
+           retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
+           dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
+           progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
+    """Export ``table`` (or the rows of ``query``, walked by ``key``) of ``source``
+    (PostgreSQL) into files in directory ``to``, in key order, in resumable chunks.
+
+    ``format`` is ``parquet`` (default; each chunk one row group, exact types: numeric(p,s)
+    as decimal128, timestamptz as UTC timestamps, arrays as lists, bytea as binary, json as
+    text or — ``json_as="struct"`` — structs), ``csv`` (PostgreSQL's CSV with a header) or
+    ``ndjson`` (one JSON object a line). Each step writes one file: one chunk's rows, or
+    ``rows_per_file`` rows in row groups of the chunk size; ``partition_by`` (columns)
+    writes one file per value under hive-style ``col=value/`` directories. ``compression``:
+    a Parquet codec (snappy by default, zstd, gzip, lz4, brotli, none), or gzip/zstd for a
+    whole CSV/NDJSON file. Every file is written under a temporary name, fsynced, renamed and
+    listed in ``_<job>.manifest.json`` (rows, bytes, sha256, key range, the schema) before
+    the checkpoint moves past its rows, so a rerun after any crash resumes without a row
+    twice or missing. The checkpoint is kept in ``state`` (default: the embedded
+    PostgreSQL). ``where`` and ``columns`` narrow the rows and columns. ``dry_run`` prints
+    the plan and one chunk's COPY, writing nothing. Pacing, retries, ``report``,
+    ``progress`` and ``stop`` are as for :func:`etl.copy`.
+    """
+    from .. import api
+    from ..jobrun import JobRun
+    from ..progress import progress_for
+    from . import plan as export_plan
+    from . import run as export_run
+
+    if (table is None) == (query is None):
+        raise UsageError("give --table T or --query SQL (with --key) to say what to export")
+    to_dir = Path(to)
+    fmt = check_format(format, to_dir)
+    codec = check_compression(compression, fmt)
+    if json_as not in JSON_AS:
+        raise UsageError(f"--json-as {json_as!r}: valid values are {', '.join(JSON_AS)}")
+    if json_as == "struct" and fmt != "parquet":
+        raise UsageError("--json-as struct is for Parquet files (CSV and NDJSON hold json as "
+                         "it is)")
+    if json_as == "struct" and rows_per_file:
+        raise UsageError("--json-as struct writes one chunk a file (a struct type comes from "
+                         "one chunk's values); leave out --rows-per-file")
+    if rows_per_file is not None and rows_per_file < 1:
+        raise UsageError("--rows-per-file must be 1 or more")
+    src = api.resolve_url(source)
+    if not src.is_postgres:
+        raise UsageError(f"--source {src.masked}: etl export reads PostgreSQL for now")
+    state_url = parse(state) if state else api.resolve_url(None)
+    if not state_url.is_postgres:
+        raise UsageError(f"--state {state_url.masked}: the state store is a PostgreSQL database")
+    name = TableName.parse(table) if table else TableName("", "query")
+    spec = ExportSpec(
+        source=src, state=state_url, table=name, to_dir=to_dir.resolve(),
+        job_id=job or (f"export:{name}" if table else f"export:query:{to_dir.resolve().name}"),
+        format=fmt, query=query, key=opt.parse_names(key, "--key"),
+        columns=opt.parse_names(columns, "--columns"), where=where,
+        rows_per_file=rows_per_file, compression=codec,
+        partition_by=opt.parse_names(partition_by, "--partition-by") or (),
+        json_as=json_as, restart=restart,
+        pacing=opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime),
+        retry=opt.retry_policy(retries, retry_max_wait), state_schema=state_schema)
+    if fmt == "parquet" and spec.pacing.chunk_size is None:
+        spec = dataclasses.replace(spec, pacing=dataclasses.replace(
+            spec.pacing, max_chunk=min(spec.pacing.max_chunk, PARQUET_MAX_CHUNK)))
+    if report:
+        opt.check_report_path(report)
+    prog = progress_for(progress)
+    stop = stop if stop is not None else StopFlag()
+    with stop_on_signals(stop):
+        conn = export_run.connect_source(src)
+        try:
+            plan = export_plan.make_plan(spec, conn)
+            if dry_run:
+                result = export_run.dry_run(plan, conn)
+            else:
+                export_run.check_directory(spec)
+                with JobRun(state_url, spec.job_id, "export", spec.args(),
+                            schema=state_schema) as run:
+                    result = export_run.execute(plan, run, conn, progress=prog, stop=stop,
+                                                report_path=str(report) if report else None)
+        finally:
+            if not conn.closed:
+                conn.close()
+    if report:
+        result.write(report)
+    return result
+
