@@ -22,7 +22,12 @@ from .urls import DbUrl, parse
 if TYPE_CHECKING:
     from .progress import Progress
 
-_CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
+# The format of a file named so (after a compression suffix).
+_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".ndjson": "ndjson",
+                   ".jsonl": "ndjson", ".json": "ndjson", ".parquet": "parquet",
+                   ".pq": "parquet"}
+_FORMAT_NAMES = {"csv": "csv", "ndjson": "ndjson", "jsonl": "ndjson", "json": "ndjson",
+                 "parquet": "parquet"}
 
 
 def files_of(patterns: str | Path | list[str | Path] | tuple[str | Path, ...]) -> tuple[Path, ...]:
@@ -41,27 +46,25 @@ def files_of(patterns: str | Path | list[str | Path] | tuple[str | Path, ...]) -
 
 
 def format_of(files: tuple[Path, ...], given: str | None) -> str:
-    """--format, else the files' extension (a compression suffix looked through)."""
+    """--format, else the files' extension (a compression suffix looked through): csv,
+    ndjson or parquet."""
     if given:
-        fmt = given.lower()
-    else:
-        kinds = set()
-        for f in files:
-            suffixes = [s.lower() for s in f.suffixes]
-            while suffixes and suffixes[-1] in COMPRESSIONS:
-                suffixes.pop()
-            last = suffixes[-1] if suffixes else ""
-            kinds.add("csv" if last in _CSV_SUFFIXES else last.lstrip(".") or "?")
-        if len(kinds) != 1:
-            raise UsageError(f"cannot tell the format of {', '.join(map(str, files))} from their "
-                             "names; give --format csv")
-        fmt = kinds.pop()
-    if fmt in ("parquet", "ndjson", "jsonl", "json"):
-        raise UsageError(f"--format {fmt}: etl load reads CSV files for now (Parquet and NDJSON "
-                         "come with the next part of this work)")
-    if fmt != "csv":
-        raise UsageError(f"--format {fmt!r}: valid formats are csv (parquet and ndjson to come)")
-    return fmt
+        fmt = _FORMAT_NAMES.get(given.lower())
+        if fmt is None:
+            raise UsageError(f"--format {given!r}: valid formats are csv, ndjson (or jsonl) "
+                             "and parquet")
+        return fmt
+    kinds = set()
+    for f in files:
+        suffixes = [s.lower() for s in f.suffixes]
+        while suffixes and suffixes[-1] in COMPRESSIONS:
+            suffixes.pop()
+        last = suffixes[-1] if suffixes else ""
+        kinds.add(_SUFFIX_FORMATS.get(last, last.lstrip(".") or "?"))
+    if len(kinds) != 1 or not kinds <= set(_FORMAT_NAMES.values()):
+        raise UsageError(f"cannot tell the format of {', '.join(map(str, files))} from their "
+                         "names; give --format csv, ndjson or parquet")
+    return kinds.pop()
 
 
 def load(files: str | Path | list[str | Path], *, table: str,
@@ -80,24 +83,39 @@ def load(files: str | Path | list[str | Path], *, table: str,
          max_errors: int | None = None, max_error_rate: float | None = DEFAULT_MAX_ERROR_RATE,
          dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
          progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
-    """Load CSV ``files`` (paths or globs; .gz/.zst/.bz2 read as they are) into ``table`` of
-    ``target`` (PostgreSQL), with PostgreSQL's own CSV COPY, in resumable chunks.
+    """Load CSV, NDJSON or Parquet ``files`` (paths or globs) into ``table`` of ``target``
+    (PostgreSQL), in resumable chunks; PostgreSQL parses and converts every value.
 
-    ``delimiter``, ``quote``, ``escape``, ``null`` (the unquoted text that means NULL;
-    default: an unquoted empty field), ``encoding`` (the files', e.g. ``LATIN1``),
-    ``header`` and ``skip_lines`` say how the files are written; their columns are
-    ``columns``, else the header's names, else the table's columns in order. ``mode`` is
-    ``append``, ``replace`` (the table is emptied once, at the start of a fresh load),
-    ``upsert`` or ``ignore`` (on a primary key or unique index among the loaded columns).
-    Rows PostgreSQL refuses become dead letters (file, line, raw text, error) and lines of
+    ``format`` is ``csv``, ``ndjson`` (``jsonl``) or ``parquet``; by default the files'
+    extension says (.csv/.tsv/.txt, .ndjson/.jsonl/.json, .parquet/.pq; a text file's
+    .gz/.zst/.bz2 is read as it is).
+
+    CSV: PostgreSQL's own CSV COPY. ``delimiter``, ``quote``, ``escape``, ``null`` (the
+    unquoted text that means NULL; default: an unquoted empty field), ``encoding`` (the
+    files', e.g. ``LATIN1``), ``header`` and ``skip_lines`` say how the files are written
+    (CSV only: another format refuses them); the columns are ``columns``, else the
+    header's names, else the table's columns in order.
+
+    NDJSON (one JSON object a line, blank lines skipped) and Parquet (streamed in record
+    batches, each row written as a JSON object): the objects are COPYed into a staging
+    table and PostgreSQL converts each column from the key of its name — the text of a
+    JSON string, of a number or a boolean; a JSON array into an array column; a nested
+    object or array as its JSON text; for a json/jsonb column a string holding JSON text
+    is parsed. A missing key or ``null`` is NULL; keys that are not columns are ignored.
+    The columns are ``columns``, else a Parquet file's own, else (NDJSON) the table's.
+
+    ``mode`` is ``append``, ``replace`` (the table is emptied once, at the start of a fresh
+    load), ``upsert`` or ``ignore`` (on a primary key or unique index among the loaded
+    columns; the last row of a key in a statement wins). Rows PostgreSQL refuses become
+    dead letters (file, line — a Parquet file's row —, raw text, error) and lines of
     ``rejects`` (NDJSON), and count as failed; ``max_errors``/``max_error_rate`` stop the run.
-    The checkpoint (file, byte, line) commits with each chunk in ``target`` — which is the
-    state store — so a rerun resumes exactly; a file changed since is refused unless
-    ``restart``. ``dry_run`` checks the files, the table and the columns and prints the COPY
-    statement, writing nothing. Pacing, retries, ``report``, ``progress`` and ``stop`` are as
-    for :func:`etl.copy`.
+    The checkpoint (file, byte and line; a Parquet file's row) commits with each chunk in
+    ``target`` — which is the state store — so a rerun resumes exactly; a file changed
+    since is refused unless ``restart``. ``dry_run`` checks the files, the table and the
+    columns and prints the SQL of each statement, writing nothing. Pacing, retries,
+    ``report``, ``progress`` and ``stop`` are as for :func:`etl.copy`.
     """
-    from . import api, load_job, pg
+    from . import api, load_formats, load_job, pg
     from .jobrun import JobRun
     from .progress import progress_for
 
@@ -112,11 +130,12 @@ def load(files: str | Path | list[str | Path], *, table: str,
                          "chunk's transaction, so a rerun resumes at the exact row); leave "
                          "--state out or name the target database")
     name = TableName.parse(table)
+    csv = load_formats.CsvOptions(delimiter=delimiter, quote=quote, escape=escape, header=header,
+                                  null=null, encoding=encoding, skip_lines=skip_lines)
+    load_formats.file_format(fmt, csv)  # CSV options with another format: refused here
     spec = load_job.LoadSpec(
         target=tgt, table=name, files=paths, job_id=job or f"load:{name}",
-        mode=opt.parse_mode(mode),
-        csv=load_job.CsvOptions(delimiter=delimiter, quote=quote, escape=escape, header=header,
-                                null=null, encoding=encoding, skip_lines=skip_lines),
+        mode=opt.parse_mode(mode), format=fmt, csv=csv,
         columns=opt.parse_names(columns, "--columns"),
         rejects=Path(rejects) if rejects else None, restart=restart,
         pacing=opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime),
@@ -124,7 +143,6 @@ def load(files: str | Path | list[str | Path], *, table: str,
         limits=ErrorLimits(max_errors=max_errors, max_error_rate=max_error_rate),
         lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
         state_schema=state_schema)
-    assert fmt == "csv"
     if report:
         opt.check_report_path(report)
     if rejects:

@@ -1,23 +1,23 @@
-"""`etl load` of CSV files into a PostgreSQL table: PostgreSQL's own CSV COPY, in
-resumable chunks, with the rows it refuses set aside.
+"""`etl load` of CSV, NDJSON and Parquet files into a PostgreSQL table, in resumable chunks,
+with the rows PostgreSQL refuses set aside.
 
-Each chunk is the next ``n`` rows of the current file (``etl.sources.csv_rows``), written
-in one target transaction as COPY statements of a few thousand rows (``etl.piecewise``)
-with the chunk's dead letters and the job's checkpoint — the file, the byte after the last
-row and its line — so a crash leaves the chunk loaded or not, and a rerun starts exactly
-after the last committed row. PostgreSQL parses and converts every value (what ``\\copy``
-does): a row it refuses (a bad date, a short row, a value too long, a NOT NULL, CHECK or
+Each chunk is the next ``n`` rows of the current file, written in one target transaction
+as statements of a few thousand rows (``etl.piecewise``) with the chunk's dead letters
+and the job's checkpoint — the file, the position after the last row (the byte and its
+line; a Parquet file's row) — so a crash leaves the chunk loaded or not, and a rerun
+starts exactly after the last committed row. PostgreSQL parses and converts every value:
+CSV with its own CSV COPY (what ``\\copy`` does), NDJSON and Parquet rows as JSON objects
+(``etl.sinks.pg_json``; ``etl.load_formats`` holds what differs per format). A row it
+refuses (a bad date, a short row, invalid JSON, a value too long, a NOT NULL, CHECK or
 foreign key violation, invalid UTF-8, an unclosed quote) is isolated in its piece and
-becomes a dead letter — file, line, the raw text, the error — and a line of ``--rejects``
-(NDJSON); the good rows load. A file that changed since the run that began loading it
-(size, mtime or its first 64 KiB) is refused unless ``--restart``.
+becomes a dead letter — file, line or row, the raw text, the error — and a line of
+``--rejects`` (NDJSON); the good rows load. A file that changed since the run that began
+loading it (size, mtime or its first 64 KiB) is refused unless ``--restart``.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 from collections.abc import Sequence
@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 from . import catalog, lifecycle, pg
 from .errors import UsageError, sqlstate_of
 from .isolate import isolate
+from .load_formats import CsvOptions, FileFormat, Rows, file_format
 from .model import Category, Checkpoint, Column, Mode, Status, TableName
 from .piecewise import PiecewiseWriter
 from .report import Result, RowError, utc_now
 from .retry import RetryPolicy
 from .runner import Pacing, StepOutcome, StopFlag
 from .sinks.pg_copy import PgCopySink, WriteStats
-from .sinks.pg_merge import PgMergeSink
-from .sources.csv_rows import HEAD_BYTES, CsvRows, FileId, Position
+from .sources.csv_rows import FileId, Position
 from .sources.pg import Piece, RowStream
 from .state.store import insert_dead_letters, read_checkpoint, write_checkpoint
 from .thresholds import ErrorLimits
@@ -55,47 +55,6 @@ FILES_KEY = "files"  # the checkpoint's watermark: the identity of each file of 
 
 
 @dataclass(frozen=True)
-class CsvOptions:
-    """How the files are written (PostgreSQL's COPY options of the same names)."""
-
-    delimiter: str = ","
-    quote: str = '"'
-    escape: str | None = None      # default: the quote (a doubled quote)
-    header: bool = True
-    null: str = ""                 # unquoted empty field = NULL; quoted "" = empty string
-    encoding: str = "UTF8"
-    skip_lines: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("delimiter", "quote"):
-            if len(getattr(self, name)) != 1:
-                raise UsageError(f"--{name} must be one character, not {getattr(self, name)!r}")
-        if self.escape is not None and len(self.escape) != 1:
-            raise UsageError(f"--escape must be one character, not {self.escape!r}")
-        if self.skip_lines < 0:
-            raise UsageError("--skip-lines must be 0 or more")
-
-    def copy_options(self) -> str:
-        from psycopg import sql
-
-        parts = [sql.SQL("FORMAT csv"), sql.SQL("DELIMITER {}").format(sql.Literal(self.delimiter)),
-                 sql.SQL("QUOTE {}").format(sql.Literal(self.quote)),
-                 sql.SQL("NULL {}").format(sql.Literal(self.null)),
-                 sql.SQL("ENCODING {}").format(sql.Literal(self.encoding))]
-        if self.escape is not None:
-            parts.append(sql.SQL("ESCAPE {}").format(sql.Literal(self.escape)))
-        return sql.SQL(", ").join(parts).as_string(None)
-
-    def fields(self, row: bytes) -> list[str]:
-        """One row's fields as text (for headers and dead letters; not for loading)."""
-        text = row.decode("utf-8", errors="replace")
-        reader = csv.reader(io.StringIO(text), delimiter=self.delimiter, quotechar=self.quote,
-                            escapechar=self.escape if self.escape != self.quote else None,
-                            doublequote=self.escape in (None, self.quote))
-        return next(reader, [])
-
-
-@dataclass(frozen=True)
 class LoadSpec:
     """Everything `etl load` was asked to do, checked."""
 
@@ -104,8 +63,9 @@ class LoadSpec:
     files: tuple[Path, ...]
     job_id: str
     mode: Mode = Mode.APPEND
+    format: str = "csv"  # csv, ndjson or parquet
     csv: CsvOptions = CsvOptions()
-    columns: tuple[str, ...] | None = None  # the files' columns (else the header, else the table's)
+    columns: tuple[str, ...] | None = None  # the files' columns (else their own, else the table's)
     rejects: Path | None = None
     restart: bool = False
     pacing: Pacing = Pacing()
@@ -117,7 +77,8 @@ class LoadSpec:
     def args(self) -> dict[str, Any]:
         return {"target": self.target.masked, "table": str(self.table),
                 "files": [str(f) for f in self.files], "mode": self.mode.value,
-                "csv": dataclasses.asdict(self.csv), "columns": list(self.columns or ()),
+                "format": self.format, "csv": dataclasses.asdict(self.csv),
+                "columns": list(self.columns or ()),
                 "rejects": str(self.rejects) if self.rejects else None,
                 "pacing": dataclasses.asdict(self.pacing), "retry": dataclasses.asdict(self.retry),
                 "limits": dataclasses.asdict(self.limits), "lock_timeout": self.lock_timeout}
@@ -128,30 +89,23 @@ class LoadPlan:
     spec: LoadSpec
     columns: tuple[Column, ...]        # the target columns the files fill, in file order
     conflict_key: tuple[str, ...]      # upsert/ignore
+    format: FileFormat                 # what differs per file format
 
 
 def make_plan(spec: LoadSpec, conn: psycopg.Connection) -> LoadPlan:
-    """Check the files and the target table; the columns come from --columns, the first
-    file's header, or the table (in its order)."""
+    """Check the files and the target table; the columns come from --columns, the files
+    (a CSV header, a Parquet schema), or the table (in its order)."""
     for f in spec.files:
         if not f.is_file():
             raise UsageError(f"{f}: no such file")
+    fmt = file_format(spec.format, spec.csv)
     info = catalog.describe(conn, spec.table, role="target")
     by_name = {c.name: c for c in info.columns}
-    names = spec.columns or (_header(spec.files[0], spec.csv) if spec.csv.header else None) \
-        or tuple(by_name)
-    if spec.csv.header and not spec.columns:  # every file's header must name the same columns
-        for f in spec.files[1:]:
-            other = _header(f, spec.csv)
-            if other != names:
-                raise UsageError(f"{f}: its header ({', '.join(other)}) differs from "
-                                 f"{spec.files[0]}'s ({', '.join(names)}); load the files "
-                                 "separately, or give --columns")
+    names = fmt.file_columns(spec.files, spec.columns) or tuple(by_name)
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise UsageError(f"{spec.files[0]}: column(s) {', '.join(unknown)} are not in "
-                         f"{spec.table} ({', '.join(by_name)}); rename them in the header or "
-                         "give --columns")
+                         f"{spec.table} ({', '.join(by_name)}); {fmt.rename_hint}")
     conflict: tuple[str, ...] = ()
     if spec.mode in (Mode.UPSERT, Mode.IGNORE):
         usable = [k for k in catalog.unique_keys(conn, spec.table) if set(k) <= set(names)]
@@ -160,20 +114,7 @@ def make_plan(spec: LoadSpec, conn: psycopg.Connection) -> LoadPlan:
                              f"index of {spec.table} among the loaded columns; there is none")
         conflict = usable[0]
     conn.rollback()
-    return LoadPlan(spec, tuple(by_name[n] for n in names), conflict)
-
-
-def _header(path: Path, opts: CsvOptions) -> tuple[str, ...]:
-    rows = CsvRows(path, Position(), quote=opts.quote.encode(),
-                   escape=opts.escape.encode() if opts.escape else None)
-    try:
-        for _ in range(opts.skip_lines + 1):
-            found = rows.next_row()
-        if found is None:
-            raise UsageError(f"{path}: no header line (give --no-header and --columns)")
-        return tuple(n.strip() for n in opts.fields(found[0]))
-    finally:
-        rows.close()
+    return LoadPlan(spec, tuple(by_name[n] for n in names), conflict, fmt)
 
 
 class LoadStep:
@@ -181,21 +122,15 @@ class LoadStep:
 
     def __init__(self, plan: LoadPlan, conn: psycopg.Connection, run: JobRun) -> None:
         self.plan = plan
+        self.format = plan.format
         self.run = run
-        self._rows: CsvRows | None = None
+        self._rows: Rows | None = None
         self._bad_bytes: dict[int, bytes] = {}  # a chunk's refused rows, by index in the chunk
         self._use(conn)
 
     def _use(self, conn: psycopg.Connection) -> None:
-        spec = self.plan.spec
         self.conn = conn
-        options = spec.csv.copy_options()
-        if spec.mode in (Mode.UPSERT, Mode.IGNORE):
-            self.sink: PgCopySink | PgMergeSink = PgMergeSink(
-                conn, spec.table, self.plan.columns, self.plan.conflict_key, spec.mode, csv=True)
-        else:
-            self.sink = PgCopySink(conn, spec.table, self.plan.columns, csv=True)
-        self.sink.set_copy_options(options)
+        self.sink = self.format.sink(conn, self.plan)
         self.writer = PiecewiseWriter(conn, self.sink.start, PIECE_ROWS)
 
     def ensure_connected(self) -> None:
@@ -213,7 +148,7 @@ class LoadStep:
             self._rows.close()
         self.conn.close()
 
-    def _reader(self, index: int, at: Position) -> CsvRows:
+    def _reader(self, index: int, at: Position) -> Rows:
         """The rows of file ``index`` from ``at`` (kept open from chunk to chunk)."""
         spec = self.plan.spec
         r = self._rows
@@ -222,13 +157,8 @@ class LoadStep:
             return r
         if r is not None:
             r.close()
-        r = CsvRows(spec.files[index], at, quote=spec.csv.quote.encode(),
-                    escape=spec.csv.escape.encode() if spec.csv.escape else None)
-        if at.offset == 0:  # the file's first chunk: skip lines, then the header
-            for _ in range(spec.csv.skip_lines + (1 if spec.csv.header else 0)):
-                if r.next_row() is None:
-                    break
-        self._rows = r
+            self._rows = None
+        r = self._rows = self.format.open(spec.files[index], at, self.plan)
         return r
 
     def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
@@ -296,7 +226,7 @@ class LoadStep:
 
         found = isolate(0, len(piece), len(piece), exc, write=write_slice,
                         split=lambda a, n: (a or 0) + n, count=None, give_up=give_up,
-                        locate=pg.copy_error_line)
+                        locate=self.format.locate)
         for b in found.bad:  # pieces keep the stream's order: chunk index = offset + index
             bad.append((offset + b.hi - 1, b.error))
             self._bad_bytes[offset + b.hi - 1] = piece.rows(b.hi - 1, b.hi)
@@ -304,8 +234,9 @@ class LoadStep:
 
     def _letters(self, index: int, lines: Sequence[int], bad: list[tuple[int, BaseException]],
                  chunk_index: int) -> list[dict[str, Any]]:
-        """The dead letters of a chunk's refused rows: file and line, the raw text, its
-        fields as the CSV reader sees them, and PostgreSQL's error."""
+        """The dead letters of a chunk's refused rows: file and line (a Parquet file's row),
+        the raw text (a CSV row's fields as the CSV reader sees them too), and PostgreSQL's
+        error."""
         spec = self.plan.spec
         name = str(spec.files[index])
         letters = []
@@ -317,9 +248,9 @@ class LoadStep:
             letters.append({
                 "job_id": spec.job_id, "run_id": self.run.run_id, "chunk_index": chunk_index,
                 "item_key": [name, line],
-                "row_data": {"file": name, "line": line, "raw": text.replace("\x00", "\\u0000"),
-                             "fields": [f.replace("\x00", "\\u0000")
-                                        for f in spec.csv.fields(raw)]},
+                "row_data": {"file": name, self.format.where: line,
+                             "raw": text.replace("\x00", "\\u0000"),
+                             **self.format.row_data(raw)},
                 "error_type": type(error).__name__, "sqlstate": sqlstate_of(error),
                 "category": Category.DATA.value, "error_message": message, "attempts": 1})
         return letters
@@ -330,9 +261,10 @@ class LoadStep:
         path = self.plan.spec.rejects
         if path is None or not letters:
             return
+        where = self.format.where
         with path.open("a", encoding="utf-8") as fh:
             for r in letters:
-                fh.write(json.dumps({"file": r["row_data"]["file"], "line": r["row_data"]["line"],
+                fh.write(json.dumps({"file": r["row_data"]["file"], where: r["row_data"][where],
                                      "raw": r["row_data"]["raw"], "error": r["error_message"],
                                      "sqlstate": r["sqlstate"]}, ensure_ascii=False) + "\n")
 
@@ -370,7 +302,7 @@ def execute(plan: LoadPlan, run: JobRun, conn: psycopg.Connection, *, progress: 
     spec = plan.spec
     result = Result(job_id=spec.job_id, run_id=run.run_id, job_type="load", started_at=utc_now())
     result.metadata.update({"target": spec.target.masked, "table": str(spec.table),
-                            "files": [str(f) for f in spec.files], "format": "csv",
+                            "files": [str(f) for f in spec.files], "format": spec.format,
                             "mode": spec.mode.value, "columns": [c.name for c in plan.columns],
                             "chunk_size": spec.pacing.chunk_size or "auto"})
     result.artifacts["dead_letters"] = f"{spec.state_schema}.dead_letters (job_id = {spec.job_id!r})"
@@ -392,8 +324,9 @@ def execute(plan: LoadPlan, run: JobRun, conn: psycopg.Connection, *, progress: 
                 if spec.mode is Mode.REPLACE:
                     PgCopySink(conn, spec.table, plan.columns).truncate()
                 write_checkpoint(conn, cp, schema=spec.state_schema)
+        left, exact = _rows_left(plan, cp)
         return lifecycle.Start(LoadStep(plan, conn, run), cp, found is not None,
-                               f"load {spec.table}", _estimate_rows(spec, cp), exact=False)
+                               f"load {spec.table}", left, exact=exact)
 
     def finish(begun: lifecycle.Start, cp: Checkpoint) -> None:
         target = begun.step.conn  # type: ignore[attr-defined]
@@ -407,23 +340,18 @@ def execute(plan: LoadPlan, run: JobRun, conn: psycopg.Connection, *, progress: 
 
 
 def dry_run(plan: LoadPlan) -> Result:
-    """The files, the columns they fill and the COPY statement; nothing is written."""
-    from psycopg import sql
-
+    """The files, the columns they fill and the SQL of each piece; nothing is written."""
     spec = plan.spec
     start = Checkpoint(job_id=spec.job_id, chunk_index=0, last_key=None)
-    rows = _estimate_rows(spec, start)
-    copy = sql.SQL("COPY {} ({}) FROM STDIN ({})").format(
-        sql.Identifier(spec.table.schema, spec.table.name),
-        sql.SQL(", ").join(sql.Identifier(c.name) for c in plan.columns),
-        sql.SQL(spec.csv.copy_options())).as_string(None)  # type: ignore[arg-type]
+    rows, exact = _rows_left(plan, start)
     lines = [f"job:          {spec.job_id}", f"target:       {spec.target.masked}  table {spec.table}",
-             f"mode:         {spec.mode.value}", "files:"]
+             f"mode:         {spec.mode.value}", f"format:       {plan.format.name}", "files:"]
     lines += [f"  {f}  ({f.stat().st_size:,} bytes)" for f in spec.files]
     lines += [f"columns:      {', '.join(f'{c.name} {c.type_sql}' for c in plan.columns)}",
-              f"rows:         ~{rows:,} (from the bytes per line of the first file's head)",
-              f"per chunk:    {copy}  (in statements of {PIECE_ROWS:,} rows, one transaction "
-              "with the checkpoint)", "dry run: nothing was written"]
+              f"rows:         {'' if exact else '~'}{rows:,} ({plan.format.rows_note()})",
+              f"per chunk:    {plan.format.statement(plan)}  (in statements of "
+              f"{PIECE_ROWS:,} rows, one transaction with the checkpoint)",
+              "dry run: nothing was written"]
     now = utc_now()
     result = Result(job_id=spec.job_id, run_id="dry-run", job_type="load", started_at=now,
                     completed_at=now, status=Status.COMPLETED, total_items=rows)
@@ -432,12 +360,7 @@ def dry_run(plan: LoadPlan) -> Result:
     return result
 
 
-def _estimate_rows(spec: LoadSpec, cp: Checkpoint) -> int:
-    """Rows left, for progress: the bytes left at the first file's bytes per line (its head;
-    a compressed file counts its compressed bytes)."""
+def _rows_left(plan: LoadPlan, cp: Checkpoint) -> tuple[int, bool]:
+    """Rows left after ``cp``, for progress, and whether that is a count (not an estimate)."""
     index, at = _position(cp)
-    with spec.files[0].open("rb") as fh:
-        head = fh.read(HEAD_BYTES)
-    per_line = max(len(head) / max(head.count(b"\n"), 1), 1.0)
-    left = sum(f.stat().st_size for f in spec.files[index:]) - at.offset
-    return max(int(left / per_line), 0)
+    return plan.format.rows_left(plan.spec.files, index, at)

@@ -97,15 +97,20 @@ def is_usable(conn: psycopg.Connection) -> bool:
 _COPY_LINE = re.compile(r"^COPY .*?, \w+ (\d+)(?:[,:]|$)")
 
 
-def copy_error_line(exc: BaseException) -> int | None:
+def copy_error_line(exc: BaseException, *, any_line: bool = False) -> int | None:
     """The 1-based row of a COPY FROM that a data error came from, when the server says.
 
     Used only to find a bad row faster; a missing or wrong hint falls back to bisection.
     Foreign-key violations are checked at the end of the statement and carry no line.
+    ``any_line``: the COPY line may follow others in the context (an invalid JSON value:
+    "JSON data, line 1: …" comes first).
     """
     diag = getattr(exc, "diag", None)
     context = getattr(diag, "context", None) if diag is not None else None
     if not context:
         return None
-    match = _COPY_LINE.match(context.splitlines()[0])
-    return int(match.group(1)) if match else None
+    for text in context.splitlines() if any_line else context.splitlines()[:1]:
+        match = _COPY_LINE.match(text)
+        if match:
+            return int(match.group(1))
+    return None

@@ -14,50 +14,64 @@ from .common import job_options, render
               help="PostgreSQL database to load into (default: the embedded PostgreSQL).")
 @click.option("--table", required=True, metavar="[SCHEMA.]TABLE",
               help="The table to load (it must exist).")
-@click.option("--format", "format", metavar="csv",
-              help="The files' format (default: from their extension; .gz/.zst/.bz2 are read "
-                   "as they are). CSV for now.")
+@click.option("--format", "format",
+              type=click.Choice(["csv", "ndjson", "jsonl", "parquet"], case_sensitive=False),
+              help="The files' format (default: from their extension: .csv/.tsv/.txt, "
+                   ".ndjson/.jsonl/.json, .parquet/.pq; a text file's .gz/.zst/.bz2 is read "
+                   "as it is). jsonl is ndjson.")
 @click.option("--mode", type=click.Choice(["append", "replace", "upsert", "ignore"]),
               default="append", show_default=True,
               help="append; replace (empty the table once, at the start); upsert or ignore "
                    "(on a primary key or unique index among the loaded columns).")
-@click.option("--delimiter", default=",", show_default=True, help="Field separator (one character).")
-@click.option("--quote", default='"', show_default=True, help="Quote character.")
-@click.option("--escape", help="Character that escapes a quote inside a quoted field (default: "
-                               "the quote itself, doubled).")
+@click.option("--delimiter", default=",", show_default=True,
+              help="CSV: field separator (one character).")
+@click.option("--quote", default='"', show_default=True, help="CSV: quote character.")
+@click.option("--escape", help="CSV: character that escapes a quote inside a quoted field "
+                               "(default: the quote itself, doubled).")
 @click.option("--header/--no-header", default=True, show_default=True,
-              help="The first line (after --skip-lines) names the columns.")
+              help="CSV: the first line (after --skip-lines) names the columns.")
 @click.option("--null", default="", metavar="TEXT",
-              help="Unquoted text that means NULL (default: an empty unquoted field; a quoted "
-                   "\"\" stays an empty string).")
+              help="CSV: unquoted text that means NULL (default: an empty unquoted field; a "
+                   "quoted \"\" stays an empty string).")
 @click.option("--encoding", default="UTF8", show_default=True,
-              help="The files' encoding (PostgreSQL's names: UTF8, LATIN1, WIN1252, …).")
+              help="CSV: the files' encoding (PostgreSQL's names: UTF8, LATIN1, WIN1252, …); "
+                   "NDJSON and Parquet are UTF-8.")
 @click.option("--skip-lines", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Lines to skip at the top of each file, before the header.")
+              help="CSV: lines to skip at the top of each file, before the header.")
 @click.option("--columns", metavar="COL[,COL…]",
-              help="The files' columns, in order (default: the header's names, else the "
-                   "table's columns).")
+              help="The columns to load: a CSV file's, in order (default: the header's "
+                   "names, else the table's columns); the NDJSON keys or Parquet columns to "
+                   "load (default: a Parquet file's columns; NDJSON: the table's).")
 @click.option("--rejects", metavar="PATH",
-              help="Append each refused row here as NDJSON: file, line, raw text, error (they "
-                   "are dead letters too).")
+              help="Append each refused row here as NDJSON: file, line (Parquet: row), raw "
+                   "text, error (they are dead letters too).")
 @job_options(without=("state",))
 @click.option("--state", metavar="URL", envvar="ETL_STATE_URL", show_envvar=True,
               help="Only the target database: the checkpoint commits with each chunk.")
 def load(**kw: object) -> None:
-    """Load CSV files into a PostgreSQL table, in resumable chunks (PostgreSQL's own CSV COPY).
+    """Load CSV, NDJSON or Parquet files into a PostgreSQL table, in resumable chunks.
+
+    PostgreSQL parses and converts every value: CSV with its own CSV COPY; NDJSON (one JSON
+    object a line) and Parquet (streamed in record batches, a row = a JSON object) are
+    COPYed as JSON lines into a staging table and converted by PostgreSQL, each column from
+    the key of its name (a JSON string's text, a number, a boolean; an array into an array
+    column; a nested object as its JSON text; into json/jsonb a string holding JSON text
+    is parsed). A missing key loads NULL; keys that are not columns are ignored.
 
     Each chunk (the next rows of the current file) is one transaction with its checkpoint:
-    the file, the byte after the last row and its line. A rerun resumes exactly there; a
-    file that changed since is refused unless --restart. Rows the database refuses (bad
-    dates, short rows, values too long, constraint violations, invalid UTF-8) are isolated:
-    the good rows load, each refused one becomes a dead letter (`etl dlq list --job JOB`)
-    and, with --rejects, a line of that NDJSON file.
+    the file, the byte after the last row and its line (Parquet: the row). A rerun resumes
+    exactly there; a file that changed since is refused unless --restart. Rows the database
+    refuses (bad dates, short rows, invalid JSON, values too long, constraint violations,
+    invalid UTF-8) are isolated: the good rows load, each refused one becomes a dead letter
+    (`etl dlq list --job JOB`) and, with --rejects, a line of that NDJSON file.
 
     \b
     Examples:
       etl load --target postgresql://app@db/prod --table public.orders orders.csv
       etl load --table staging.events --delimiter '|' --null '\\N' --rejects bad.ndjson \\
                'dumps/events-*.csv.gz'
+      etl load --table staging.events --mode upsert 'exports/events-*.parquet'
+      etl load --table staging.clicks --rejects bad.ndjson clicks.ndjson.gz
     """
     as_json = bool(kw.pop("as_json"))
     report = kw.pop("report_path")

@@ -331,15 +331,16 @@ def csv_to_parquet(spool: Path, final: Path, columns: tuple[Column, ...]) -> Wri
     return Written(rows=rows, bytes=size, sha256=sha)
 
 
-def csv_batches(spool: Path, read_as: dict[str, pa.DataType]) -> Iterator[pa.RecordBatch]:
-    """The record batches of a file of PostgreSQL's CSV COPY output (exact text forms: see
-    COPY_SETTINGS), each column read as ``read_as`` says; a value Arrow cannot hold is a
-    TargetError that says what to do."""
+def csv_batches(spool: Path | Any, read_as: dict[str, pa.DataType], *,
+                block_size: int = CSV_BLOCK_BYTES) -> Iterator[pa.RecordBatch]:
+    """The record batches of PostgreSQL's CSV COPY output (exact text forms: see
+    COPY_SETTINGS) in a file or a readable stream, each column read as ``read_as`` says; a
+    value Arrow cannot hold is a TargetError that says what to do."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
     reader = _open_csv(
-        spool, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
+        spool, read_options=pcsv.ReadOptions(block_size=block_size, use_threads=False),
         parse_options=pcsv.ParseOptions(newlines_in_values=True),
         convert_options=pcsv.ConvertOptions(
             column_types=read_as, null_values=[""], strings_can_be_null=True,
@@ -359,7 +360,7 @@ def _not_arrow(exc: BaseException) -> TargetError:
         "or a --where that leaves those rows")
 
 
-def _open_csv(spool: Path, **options: Any) -> Any:
+def _open_csv(spool: Path | Any, **options: Any) -> Any:
     import pyarrow as pa
     import pyarrow.csv as pcsv
 

@@ -17,8 +17,8 @@ caller's transaction; the staging table is emptied after each write.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..model import Column, Mode, TableName
 from ..sources.pg import BINARY_HEADER, BINARY_TRAILER
@@ -55,44 +55,10 @@ class PgMergeSink:
             "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)").format(
             sql.Identifier(STAGE_TABLE), ident)
         self._empty = sql.SQL("TRUNCATE {}").format(sql.Identifier("pg_temp", STAGE_TABLE))
-        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
-        keys = sql.SQL(", ").join(sql.Identifier(k) for k in key)
-        # the last staged row of each key wins: ctid grows with insertion order in a table
-        # that is only appended to between two TRUNCATEs
-        latest = sql.SQL("SELECT DISTINCT ON ({keys}) {cols} FROM {stage} "
-                         "ORDER BY {keys}, ctid DESC").format(
-            keys=keys, cols=cols, stage=sql.Identifier("pg_temp", STAGE_TABLE))
-        action: sqlmod.Composable
-        if mode is Mode.UPSERT:
-            others = [c.name for c in columns if c.name not in key]
-            if others:
-                sets = sql.SQL(", ").join(
-                    sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in others)
-                changed = sql.SQL("({}) IS DISTINCT FROM ({})").format(
-                    sql.SQL(", ").join(sql.Identifier("t", c) for c in others),
-                    sql.SQL(", ").join(sql.Identifier("excluded", c) for c in others))
-                action = sql.SQL("DO UPDATE SET {} WHERE {}").format(sets, changed)
-            else:  # nothing but the key: an existing row is already what the source holds
-                action = sql.SQL("DO NOTHING")
-        else:
-            action = sql.SQL("DO NOTHING")
         self.unique_rows = unique_rows
-        if unique_rows:
-            self._merge = sql.SQL(
-                "WITH merged AS (INSERT INTO {target} AS t ({cols}) SELECT {cols} FROM {stage} "
-                "ON CONFLICT ({keys}) {action} RETURNING (xmax = 0) AS inserted) "
-                "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) "
-                "FROM merged"
-            ).format(target=ident, cols=cols, keys=keys, action=action,
-                     stage=sql.Identifier("pg_temp", STAGE_TABLE))
-        else:
-            self._merge = sql.SQL(
-                "WITH latest AS MATERIALIZED ({latest}), "
-                "merged AS (INSERT INTO {target} AS t ({cols}) SELECT * FROM latest "
-                "ON CONFLICT ({keys}) {action} RETURNING (xmax = 0) AS inserted) "
-                "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted), "
-                "(SELECT count(*) FROM latest) FROM merged"
-            ).format(target=ident, cols=cols, latest=latest, keys=keys, action=action)
+        self._merge = merge_sql(table, columns, key, mode,
+                                source=sql.Identifier("pg_temp", STAGE_TABLE),
+                                unique_rows=unique_rows)
         self.prepare()
 
     def prepare(self) -> None:
@@ -120,21 +86,88 @@ class PgMergeSink:
         row = self.conn.execute(self._merge).fetchone()
         self.conn.execute(self._empty)
         assert row is not None
-        inserted, updated = int(row[0]), int(row[1])
-        staged = stats.rows
-        distinct = staged if self.unique_rows else int(row[2])
-        outcomes = {"inserted": inserted, "superseded": staged - distinct}
-        if self.mode is Mode.UPSERT:
-            outcomes.update(updated=updated, unchanged=distinct - inserted - updated)
-        else:
-            outcomes["ignored"] = distinct - inserted
         return WriteStats(rows=stats.rows, bytes=stats.bytes, checksum=stats.checksum,
-                          outcomes=outcomes)
+                          outcomes=merge_outcomes(self.mode, stats.rows, row, self.unique_rows))
 
     def write_rows(self, rows: bytes) -> WriteStats:
         """Rows cut from a source's COPY data: staged with their framing, then merged."""
         framed = BINARY_HEADER + rows + BINARY_TRAILER if self.binary else rows
         return self.write([framed])
+
+
+def merge_sql(table: TableName, columns: tuple[Column, ...], key: tuple[str, ...], mode: Mode,
+              *, source: sqlmod.Composable, values: dict[str, sqlmod.Composable] | None = None,
+              order: sqlmod.Composable | None = None,
+              unique_rows: bool = False) -> sqlmod.Composed:
+    """The statement merging the rows of ``source`` (a FROM item: the staging table, or a
+    join that converts it) into ``table`` by ``key`` in mode upsert or ignore; its one row
+    is what ``merge_outcomes`` reads.
+
+    ``values``: each column's expression over ``source`` (default: the column of that
+    name); ``order``: the expression ordering the staged rows, the last of a key winning
+    (default ``ctid``: it grows with insertion order in a table that is only appended to
+    between two TRUNCATEs). ``unique_rows``: no two rows share ``key``.
+    """
+    from psycopg import sql
+
+    ident = sql.Identifier(table.schema, table.name)
+    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+    exprs = {c.name: (values or {}).get(c.name, sql.Identifier(c.name)) for c in columns}
+    select = sql.SQL(", ").join(exprs[c.name] for c in columns)
+    keys = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    key_exprs = sql.SQL(", ").join(exprs[k] for k in key)
+    action: sqlmod.Composable = sql.SQL("DO NOTHING")
+    others = [c for c in columns if c.name not in key]
+    if mode is Mode.UPSERT and others:  # else an existing row already is what is loaded
+        sets = sql.SQL(", ").join(
+            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c.name)) for c in others)
+        changed = sql.SQL("({}) IS DISTINCT FROM ({})").format(
+            sql.SQL(", ").join(_comparable("t", c) for c in others),
+            sql.SQL(", ").join(_comparable("excluded", c) for c in others))
+        action = sql.SQL("DO UPDATE SET {} WHERE {}").format(sets, changed)
+    if unique_rows:
+        return sql.SQL(
+            "WITH merged AS (INSERT INTO {target} AS t ({cols}) SELECT {select} FROM {source} "
+            "ON CONFLICT ({keys}) {action} RETURNING (xmax = 0) AS inserted) "
+            "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) "
+            "FROM merged"
+        ).format(target=ident, cols=cols, select=select, source=source, keys=keys,
+                 action=action)
+    latest = sql.SQL("SELECT DISTINCT ON ({keys}) {select} FROM {source} "
+                     "ORDER BY {keys}, {order} DESC").format(
+        keys=key_exprs, select=select, source=source,
+        order=order if order is not None else sql.SQL("ctid"))
+    return sql.SQL(
+        "WITH latest AS MATERIALIZED ({latest}), "
+        "merged AS (INSERT INTO {target} AS t ({cols}) SELECT * FROM latest "
+        "ON CONFLICT ({keys}) {action} RETURNING (xmax = 0) AS inserted) "
+        "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted), "
+        "(SELECT count(*) FROM latest) FROM merged"
+    ).format(target=ident, cols=cols, latest=latest, keys=keys, action=action)
+
+
+# Types without an equality operator: their rows are compared by their text.
+_NO_EQUALITY = frozenset({"json", "json[]", "xml", "xml[]", "point", "point[]"})
+
+
+def _comparable(alias: str, column: Column) -> sqlmod.Composable:
+    from psycopg import sql
+
+    ref = sql.Identifier(alias, column.name)
+    return sql.SQL("{}::text").format(ref) if column.type_sql in _NO_EQUALITY else ref
+
+
+def merge_outcomes(mode: Mode, staged: int, row: Sequence[Any], unique_rows: bool
+                   ) -> dict[str, int]:
+    """What the staged rows did, from the row of ``merge_sql``'s statement."""
+    inserted, updated = int(row[0]), int(row[1])
+    distinct = staged if unique_rows else int(row[2])
+    outcomes = {"inserted": inserted, "superseded": staged - distinct}
+    if mode is Mode.UPSERT:
+        outcomes.update(updated=updated, unchanged=distinct - inserted - updated)
+    else:
+        outcomes["ignored"] = distinct - inserted
+    return outcomes
 
 
 class MergeStatement:

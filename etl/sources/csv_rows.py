@@ -7,6 +7,10 @@ so a line whose quotes are unbalanced goes on with the next — and which line e
 starts on, so that a row PostgreSQL refuses is reported by file and line, and a resumed
 load starts at the byte after the last committed row. Blank lines are skipped.
 
+With ``quote=None`` (NDJSON: one JSON value a line) no quotes are tracked: each line is
+a row; a trailing carriage return is dropped (CRLF files) and so is a UTF-8 byte order
+mark at the start of the file.
+
 The file is read in blocks (gzip, bz2 and — through pyarrow — zstd by extension), never
 whole. Rows are handed out through the interface of
 ``etl.sources.copy_out.CopyOut`` (``get(1)``, ``more(n)``), so the piecewise writer
@@ -20,11 +24,12 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 # How much of a file is read at once, and how much of its head identifies it.
 READ_BLOCK_BYTES = 1 << 20
 HEAD_BYTES = 64 * 1024
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (NDJSON files only)
 COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
 
 
@@ -84,14 +89,15 @@ class Position:
 class CsvRows:
     """Rows of one CSV file from ``start``; ``chunk(n)`` hands out the next ``n``."""
 
-    def __init__(self, path: Path, start: Position, *, quote: bytes = b'"',
+    def __init__(self, path: Path, start: Position, *, quote: bytes | None = b'"',
                  escape: bytes | None = None) -> None:
+        """``quote=None``: no quotes, a line is a row (NDJSON)."""
         self.path = path
-        self._quote = quote
-        self._escaped_quote = escape + quote if escape and escape != quote else None
+        self._quote = quote or b""
+        self._escaped_quote = escape + quote if quote and escape and escape != quote else None
         self._stream = open_bytes(path)
         self._seekable = compression_of(path) is None
-        self._rows = self._split(start)
+        self._rows = self._split(start) if quote else self._lines(start)
         self._offset, self._line = start.offset, start.line  # after the last row handed out
         self.done = False
         self._peeked: tuple[bytes, int, int, int] | None = None
@@ -150,6 +156,30 @@ class CsvRows:
             if text.strip(b"\r\n"):
                 yield text + b"\n", row_line, offset, line + 1
 
+    def _lines(self, start: Position) -> Iterator[tuple[bytes, int, int, int]]:
+        """(line, its number, the offset and the line after it): one row a line, blank
+        lines left out, a CRLF's CR and the file's byte order mark dropped."""
+        offset, line = start.offset, start.line
+        pending = b""
+        first = offset == 0  # the file's first line may begin with a byte order mark
+        for block in self._blocks(start.offset):
+            lines = (pending + block).split(b"\n")
+            pending = lines.pop()
+            for text in lines:
+                offset += len(text) + 1
+                line += 1
+                if first:
+                    text, first = text.removeprefix(_BOM), False
+                if text.endswith(b"\r"):
+                    text = text[:-1]
+                if text.strip():
+                    yield text + b"\n", line - 1, offset, line
+        offset += len(pending)
+        if first:
+            pending = pending.removeprefix(_BOM)
+        if pending.strip():  # the last line has no newline
+            yield pending.removesuffix(b"\r") + b"\n", line, offset, line + 1
+
     def chunk(self, size: int) -> CsvChunk:
         return CsvChunk(self, size)
 
@@ -170,10 +200,15 @@ class CsvRows:
         return row, line
 
 
-class CsvChunk:
-    """The next ``size`` rows of a file, as ``CopyOut`` hands out COPY rows."""
+class NextRow(Protocol):
+    def next_row(self) -> tuple[bytes, int] | None: ...
 
-    def __init__(self, rows: CsvRows, size: int) -> None:
+
+class CsvChunk:
+    """The next ``size`` rows of a file, as ``CopyOut`` hands out COPY rows (of any reader
+    with ``next_row()``: the row's bytes and its line or row number)."""
+
+    def __init__(self, rows: NextRow, size: int) -> None:
         self._rows = rows
         self._left = size
         self.lines = array("q")        # the first line of each row handed out (8 bytes a row)
