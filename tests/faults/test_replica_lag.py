@@ -68,6 +68,9 @@ def test_backfill_waits_while_the_replica_lags_then_finishes(
                      "INSERT INTO ev SELECT g, g FROM generate_series(1, 20000) g")
     _replayed(replica, "SELECT count(*) FROM ev", 20000)
     execute(replica, "SELECT pg_wal_replay_pause()")
+    # the lag counts from the last replayed commit: make it older than --max-lag, or a job
+    # that starts and runs fast could finish before the lag it causes exceeds it
+    time.sleep(1.0)
     try:
         proc = spawn("backfill", "--target", primary, "--table", "ev", "--set", "n = n + 1",
                      "--replica", replica, "--max-lag", "0.5s", "--chunk-size", "2000",
@@ -108,6 +111,9 @@ def test_archive_waits_while_the_replica_lags_then_finishes(
                      "INSERT INTO old SELECT g, g FROM generate_series(1, 20000) g")
     _replayed(replica, "SELECT count(*) FROM old", 20000)
     execute(replica, "SELECT pg_wal_replay_pause()")
+    # the lag counts from the last replayed commit: make it older than --max-lag, or a job
+    # that starts and runs fast could finish before the lag it causes exceeds it
+    time.sleep(1.0)
     try:
         proc = spawn("archive", "--source", primary, "--table", "old", "--where", "n <= 15000",
                      "--to-table", "old_archive", "--replica", replica, "--max-lag", "0.5s",
