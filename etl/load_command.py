@@ -67,11 +67,26 @@ def format_of(files: tuple[Path, ...], given: str | None) -> str:
     return kinds.pop()
 
 
+DATE_ORDERS = ("DMY", "MDY", "YMD")
+
+
+def date_order_of(value: str | None) -> str | None:
+    """--date-format: the order of a date's day, month and year (PostgreSQL's DateStyle)."""
+    if value is None:
+        return None
+    order = value.strip().upper()
+    if order not in DATE_ORDERS:
+        raise UsageError(f"--date-format {value!r}: give the order of a date's fields, one of "
+                         f"{', '.join(DATE_ORDERS)} (05/01/2024 is 5 January with DMY, "
+                         "1 May with MDY); ISO dates and month names load with any")
+    return order
+
+
 def load(files: str | Path | list[str | Path], *, table: str,
          target: str | DbUrl | None = None, format: str | None = None,  # noqa: A002
          mode: str | Mode = Mode.APPEND, delimiter: str = ",", quote: str = '"',
          escape: str | None = None, header: bool = True, null: str = "",
-         encoding: str = "UTF8", skip_lines: int = 0,
+         encoding: str = "UTF8", skip_lines: int = 0, date_format: str | None = None,
          columns: str | list[str] | None = None, rejects: str | Path | None = None,
          job: str | None = None, state: str | DbUrl | None = None,
          state_schema: str = DEFAULT_SCHEMA, chunk_size: int | str | None = "auto",
@@ -95,6 +110,11 @@ def load(files: str | Path | list[str | Path], *, table: str,
     files', e.g. ``LATIN1``), ``header`` and ``skip_lines`` say how the files are written
     (CSV only: another format refuses them); the columns are ``columns``, else the
     header's names, else the table's columns in order.
+
+    ``date_format`` (``DMY``, ``MDY`` or ``YMD``) says in which order the fields of a
+    date such as ``05/01/2024`` are (default: ISO and month first, as PostgreSQL reads
+    them); a year of four digits, a month name and ISO dates read the same either way,
+    and ``05.01.2024``, ``5-Jan-2024``, ``20240105`` or ``January 5, 2024`` all load.
 
     NDJSON (one JSON object a line, blank lines skipped) and Parquet (streamed in record
     batches, each row written as a JSON object): the objects are COPYed into a staging
@@ -122,6 +142,10 @@ def load(files: str | Path | list[str | Path], *, table: str,
     paths = files_of(files)
     fmt = format_of(paths, format)
     tgt = api.resolve_url(target)
+    date_order = date_order_of(date_format)
+    if date_order and not tgt.is_postgres:
+        raise UsageError("--date-format applies to loads into PostgreSQL for now (it sets the "
+                         "order PostgreSQL reads a date's fields in)")
     if not tgt.is_postgres:
         raise UsageError(f"--target {tgt.masked}: etl load writes into PostgreSQL for now "
                          "(MySQL/MariaDB and SQLite targets come with the next part of this work)")
@@ -142,7 +166,7 @@ def load(files: str | Path | list[str | Path], *, table: str,
         retry=opt.retry_policy(retries, retry_max_wait),
         limits=ErrorLimits(max_errors=max_errors, max_error_rate=max_error_rate),
         lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
-        state_schema=state_schema)
+        state_schema=state_schema, date_order=date_order)
     if report:
         opt.check_report_path(report)
     if rejects:
@@ -151,7 +175,7 @@ def load(files: str | Path | list[str | Path], *, table: str,
     stop = stop if stop is not None else StopFlag()
     with stop_on_signals(stop):
         conn = pg.connect(tgt, "target", autocommit=True,
-                          settings=pg.lock_timeout_settings(spec.lock_timeout))
+                          settings=spec.session_settings)
         try:
             plan = load_job.make_plan(spec, conn)
             if dry_run:
@@ -164,3 +188,4 @@ def load(files: str | Path | list[str | Path], *, table: str,
     if report:
         result.write(report)
     return result
+

@@ -26,7 +26,7 @@ from .model import Mode
 from .sinks.pg_copy import PgCopySink, WriteStats
 from .sinks.pg_json import PgJsonSink, json_sql
 from .sinks.pg_merge import PgMergeSink
-from .sources.csv_rows import HEAD_BYTES, CsvChunk, CsvRows, Position
+from .sources.csv_rows import HEAD_BYTES, CsvChunk, CsvRows, Position, compression_of
 
 if TYPE_CHECKING:
     import psycopg
@@ -142,15 +142,24 @@ class FileFormat:
         copy, move = json_sql(plan.spec.table, plan.columns, plan.spec.mode, key)
         return f"{copy.as_string(None)}; then {move.as_string(None)}"
 
-    def rows_left(self, files: Sequence[Path], index: int, at: Position) -> tuple[int, bool]:
+    def rows_left(self, files: Sequence[Path], index: int, at: Position,
+                  per_row: float | None = None) -> tuple[int, bool]:
         """Rows left from file ``index`` at ``at``, and whether that is a count (not an
-        estimate): the bytes left at the first file's bytes per line (its head; a
-        compressed file counts its compressed bytes)."""
-        with files[0].open("rb") as fh:
-            head = fh.read(HEAD_BYTES)
-        per_line = max(len(head) / max(head.count(b"\n"), 1), 1.0)
-        left = sum(f.stat().st_size for f in files[index:]) - at.offset
-        return max(int(left / per_line), 0), False
+        estimate): the bytes left over the bytes a row — ``per_row`` as measured by the
+        run so far, else the first file's head's bytes per line. A plain file's bytes left
+        are exact (``at.offset`` is its byte); a compressed file counts its compressed size,
+        whole (its read position is of the uncompressed bytes)."""
+        if per_row is None:
+            with files[0].open("rb") as fh:
+                head = fh.read(HEAD_BYTES)
+            per_row = len(head) / max(head.count(b"\n"), 1)
+        left = 0
+        for i, f in enumerate(files[index:], start=index):
+            size = f.stat().st_size
+            if i == index and compression_of(f) is None:
+                size -= at.offset
+            left += max(size, 0)
+        return max(int(left / max(per_row, 1.0)), 0), False
 
     def rows_note(self) -> str:
         return "from the bytes per line of the first file's head"
@@ -263,7 +272,8 @@ class ParquetFormat(FileFormat):
 
         return ParquetRows(path, at, [c.name for c in plan.columns])
 
-    def rows_left(self, files: Sequence[Path], index: int, at: Position) -> tuple[int, bool]:
+    def rows_left(self, files: Sequence[Path], index: int, at: Position,
+                  per_row: float | None = None) -> tuple[int, bool]:
         from .sources.parquet_rows import row_count
 
         return max(sum(row_count(f) for f in files[index:]) - at.offset, 0), True

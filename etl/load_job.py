@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 # Rows a COPY statement of a chunk holds: a refused one wastes at most this much work.
 PIECE_ROWS = 10_000
+# Weight of the newest chunk in the bytes-a-row estimate behind the progress of a load.
+BYTES_PER_ROW_SMOOTHING = 0.5
 FILES_KEY = "files"  # the checkpoint's watermark: the identity of each file of the job
 
 
@@ -73,6 +75,16 @@ class LoadSpec:
     limits: ErrorLimits = ErrorLimits()
     lock_timeout: float | None = None
     state_schema: str = "etl"
+    date_order: str | None = None  # --date-format DMY|MDY|YMD: how 05/01/2024 reads
+
+    @property
+    def session_settings(self) -> dict[str, str]:
+        """The target session's settings: the lock timeout, and the order of a date's
+        fields (PostgreSQL's DateStyle) when --date-format gives one."""
+        settings = pg.lock_timeout_settings(self.lock_timeout)
+        if self.date_order:
+            settings["DateStyle"] = f"ISO, {self.date_order}"
+        return settings
 
     def args(self) -> dict[str, Any]:
         return {"target": self.target.masked, "table": str(self.table),
@@ -81,7 +93,8 @@ class LoadSpec:
                 "columns": list(self.columns or ()),
                 "rejects": str(self.rejects) if self.rejects else None,
                 "pacing": dataclasses.asdict(self.pacing), "retry": dataclasses.asdict(self.retry),
-                "limits": dataclasses.asdict(self.limits), "lock_timeout": self.lock_timeout}
+                "limits": dataclasses.asdict(self.limits), "lock_timeout": self.lock_timeout,
+                "date_format": self.date_order}
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,7 @@ class LoadStep:
         self.format = plan.format
         self.run = run
         self._rows: Rows | None = None
+        self._per_row: float | None = None  # bytes a row, as this run's chunks measured
         self._bad_bytes: dict[int, bytes] = {}  # a chunk's refused rows, by index in the chunk
         self._use(conn)
 
@@ -139,7 +153,7 @@ class LoadStep:
             self.writer.close()
             self._use(pg.connect(self.plan.spec.target, "target", autocommit=True,
                                  reconnect=True,
-                                 settings=pg.lock_timeout_settings(self.plan.spec.lock_timeout)))
+                                 settings=self.plan.spec.session_settings))
         self.run.ensure_connected()
 
     def close(self) -> None:
@@ -200,7 +214,24 @@ class LoadStep:
         errors = [RowError(item_identifier=json.dumps(r["item_key"]), error_type=r["error_type"],
                            category=r["category"], error_message=r["error_message"],
                            chunk_index=r["chunk_index"]) for r in letters]
-        return StepOutcome(new, n, 0, errors)
+        nbytes, total = self._progress(index, at, rows.position, n, new)
+        return StepOutcome(new, n, nbytes, errors, total=total)
+
+    def _progress(self, index: int, at: Position, after: Position, n: int,
+                  cp: Checkpoint) -> tuple[int, int | None]:
+        """The chunk's bytes of the files (for MB/s) and the job's total rows estimated
+        again from the bytes a row (smoothed over this run's chunks) and the bytes left, so
+        the percentage and the ETA follow the bytes read (Parquet: its rows, exact)."""
+        spec = self.plan.spec
+        if self.plan.format.name == "parquet":
+            return 0, None
+        nbytes = max(after.offset - at.offset, 0)
+        if n:  # smoothed, and quick to follow a file whose rows grow or shrink
+            now = nbytes / n
+            self._per_row = now if self._per_row is None else (
+                BYTES_PER_ROW_SMOOTHING * now + (1 - BYTES_PER_ROW_SMOOTHING) * self._per_row)
+        left, _ = self.plan.format.rows_left(spec.files, index, after, self._per_row)
+        return nbytes, cp.processed + left
 
     @staticmethod
     def _count(stats: WriteStats, written: list[int]) -> None:

@@ -19,6 +19,8 @@ class Progress(Protocol):
     def start(self, label: str, done: int, total: int, exact: bool) -> None: ...
     def advance(self, rows: int, nbytes: int) -> None: ...
     def finish(self, message: str) -> None: ...
+    # optional: ``retotal(total)``, a better estimate of the total rows (an `etl load` of
+    # text files refines it from the bytes a row measured so far and the bytes left)
 
 
 class NoProgress:
@@ -101,6 +103,9 @@ class LineProgress:
         if crossed or time.monotonic() - self._last_line >= MILESTONE_EVERY_SECONDS:
             self._emit(self._status_line(pct))
 
+    def retotal(self, total: int) -> None:
+        self.total = max(total, self.done)
+
     def _status_line(self, pct: float) -> str:
         left = max(self.total - self.done, 0)
         eta = left / self.rates.rows_per_s if self.rates.rows_per_s else float("inf")
@@ -164,6 +169,11 @@ class BarProgress:
         rate = f"{self.rates.rows_per_s:,.0f} rows/s {self.rates.mb_per_s:.1f} MB/s"
         self._progress.update(self._task, completed=completed, total=total, rate=rate)
 
+    def retotal(self, total: int) -> None:
+        if self._progress is not None and self._task is not None:
+            task = self._progress.tasks[0]
+            self._progress.update(self._task, total=max(total, int(task.completed)))
+
     def finish(self, message: str) -> None:
         if self._progress is not None:
             self._progress.stop()
@@ -199,6 +209,11 @@ class OneOfMany:
 
     def advance(self, rows: int, nbytes: int) -> None:
         self.inner.advance(rows, nbytes)
+
+    def retotal(self, total: int) -> None:
+        retotal = getattr(self.inner, "retotal", None)
+        if retotal is not None:
+            retotal(total)
 
     def finish(self, message: str) -> None:
         self.inner.finish(self.prefix + message)

@@ -121,6 +121,7 @@ class StepOutcome:
     rows: int
     bytes: int
     errors: list[RowError] = field(default_factory=list)  # rows that became dead letters
+    total: int | None = None  # a better estimate of the job's total rows, for progress
 
 
 Step = Callable[[Checkpoint, int], StepOutcome | None]
@@ -196,6 +197,9 @@ def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
         nbytes += outcome.bytes
         sizer.observe(outcome.rows, seconds)
         progress.advance(outcome.rows, outcome.bytes)
+        retotal = getattr(progress, "retotal", None)  # optional (see etl.progress)
+        if outcome.total is not None and retotal is not None:
+            retotal(outcome.total)
         if on_chunk is not None:
             on_chunk(outcome)
         # a short chunk was the last one: no --sleep before finding the end (--max-rate

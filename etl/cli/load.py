@@ -38,6 +38,10 @@ from .common import job_options, render
                    "NDJSON and Parquet are UTF-8.")
 @click.option("--skip-lines", type=click.IntRange(min=0), default=0, show_default=True,
               help="CSV: lines to skip at the top of each file, before the header.")
+@click.option("--date-format", type=click.Choice(["DMY", "MDY", "YMD"], case_sensitive=False),
+              help="The order of a date's fields: 05/01/2024 is 5 January with DMY, 1 May "
+                   "with MDY (the default). ISO dates and month names read the same either "
+                   "way; 05.01.2024, 5-Jan-2024 and 20240105 load too.")
 @click.option("--columns", metavar="COL[,COL…]",
               help="The columns to load: a CSV file's, in order (default: the header's "
                    "names, else the table's columns); the NDJSON keys or Parquet columns to "

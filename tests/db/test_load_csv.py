@@ -192,3 +192,68 @@ def test_a_gzip_file_resumes_exactly_and_headers_must_agree(dst: str, tmp_path: 
     g.write_text("v,id\nx,5000\n")
     out = run_etl("load", "--target", dst, "--table", "z", str(f), str(g))
     assert out.returncode == 2 and "differs from" in out.stderr, out.stderr
+
+
+class Recorder:
+    """A progress object that keeps what the load reports."""
+
+    def __init__(self) -> None:
+        self.started: tuple[int, int, bool] | None = None
+        self.totals: list[int] = []
+        self.bytes = 0
+        self.rows = 0
+
+    def start(self, label: str, done: int, total: int, exact: bool) -> None:
+        self.started = (done, total, exact)
+
+    def advance(self, rows: int, nbytes: int) -> None:
+        self.rows += rows
+        self.bytes += nbytes
+
+    def retotal(self, total: int) -> None:
+        self.totals.append(total)
+
+    def finish(self, message: str) -> None:
+        pass
+
+
+def test_progress_follows_the_bytes_read(dst: str, tmp_path: Path) -> None:
+    """The first estimate comes from the head's lines; each chunk corrects it from the bytes
+    a row measured so far and the bytes left, so the ETA follows the file."""
+    execute(dst, "CREATE TABLE p (id int PRIMARY KEY, v text)")
+    f = tmp_path / "p.csv"
+    short = "".join(f"{i},a\n" for i in range(20000))              # the head: ~8 bytes a row
+    long = "".join(f"{i},{'x' * 200}\n" for i in range(20000, 30000))  # then ~207
+    f.write_text("id,v\n" + short + long)
+    rec = Recorder()
+    result = etl.load(str(f), table="p", target=dst, chunk_size=3000, progress=rec)
+    assert result.ok and result.succeeded == 30000
+    assert rec.started is not None and rec.started[1] > 100_000  # the head misleads at first
+    assert rec.bytes == f.stat().st_size  # every byte of the file, once
+    # once the long rows are read (the last chunks), the estimate knows better
+    assert rec.totals[0] > 100_000
+    assert all(abs(t - 30000) / 30000 < 0.25 for t in rec.totals[-3:]), rec.totals
+    assert rec.totals[-1] == 30000
+
+
+def test_date_format_orders_the_fields_of_a_date(dst: str, tmp_path: Path) -> None:
+    execute(dst, "CREATE TABLE d (id int PRIMARY KEY, day date, at timestamptz)")
+    f = tmp_path / "d.csv"
+    f.write_text("id,day,at\n1,05/01/2024,05/01/2024 13:45:10.5+02\n2,05.01.2024,2024-01-05 10:00Z\n"
+                 "3,5-Jan-2024,20240105 08:00 UTC\n4,2024-01-05,January 5 2024 12:00 Europe/Paris\n"
+                 "5,31/02/2024,\n")
+    result = etl.load(str(f), table="d", target=dst, date_format="dmy")
+    assert result.status is etl.Status.COMPLETED_WITH_ERRORS and result.failed == 1
+    assert scalar(dst, "SELECT string_agg(DISTINCT day::text, ',') FROM d") == "2024-01-05"
+    assert scalar(dst, "SELECT string_agg(at::text, ',' ORDER BY id) FROM d") == (
+        "2024-01-05 11:45:10.5+00,2024-01-05 10:00:00+00,2024-01-05 08:00:00+00,"
+        "2024-01-05 11:00:00+00")
+    (letter,) = etl.list_dead_letters(job="load:public.d", state=dst)
+    assert letter["item_key"] == [str(f), 6] and "31/02/2024" in letter["error_message"]
+    # MDY (the default) reads the first field as the month: 05/01 is 1 May, 31/02 no date
+    execute(dst, "TRUNCATE d")
+    again = etl.load(str(f), table="d", target=dst, restart=True)
+    assert scalar(dst, "SELECT day::text FROM d WHERE id = 1") == "2024-05-01"
+    assert again.failed == 1 and scalar(dst, "SELECT count(*) FROM d WHERE id = 5") == 0
+    bad = run_etl("load", "--target", dst, "--table", "d", "--date-format", "DDMMYYYY", str(f))
+    assert bad.returncode == 2 and "--date-format" in bad.stderr
