@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 from .. import catalog, lifecycle, pg
-from ..errors import UsageError
+from ..errors import TargetError, UsageError
 from ..model import Checkpoint, Status
 from ..report import Result, utc_now
 from ..runner import StepOutcome, StopFlag
@@ -107,8 +108,11 @@ class ExportStep:
                     # Parquet's spool is read by its header; a CSV file has one, on top
                     stmt = plan.copy_sql(after is not None, bool(pv), header=(
                         spec.format == "parquet" or spec.format == "csv" and not _has_rows(out)))
-                    rows += out.add(lambda write, stmt=stmt, p=p: copy_to(self.conn, stmt, p,
-                                                                          write))
+                    try:
+                        rows += out.add(lambda write, stmt=stmt, p=p: copy_to(
+                            self.conn, stmt, p, write))
+                    except TargetError as exc:
+                        raise self._located(exc, after, upto.text, pv) from exc
                 self.conn.rollback()  # the chunk's snapshot ends here
                 after, bound = upto.text, upto
                 if spec.json_as == "struct" and spec.format == "parquet":
@@ -144,6 +148,38 @@ class ExportStep:
         self.files_written += len(entries)
         log.debug("step %d: %d rows in %d file(s)", index, rows, len(entries))
         return StepOutcome(new, rows, nbytes)
+
+    def _located(self, exc: TargetError, after: tuple[str, ...] | None, upto: tuple[str, ...],
+                 pv: tuple[str | None, ...]) -> TargetError:
+        """A value Parquet cannot hold: name its column, the row's key and the value (pyarrow
+        says only "CSV column #i, row #n" of the chunk)."""
+        from psycopg import sql
+
+        found = re.search(r"column #(\d+): Row #(\d+): .*?(invalid value '[^']*')", str(exc))
+        if not found:
+            return exc
+        plan = self.plan
+        column = plan.columns[int(found.group(1))]
+        offset = int(found.group(2)) - 2  # pyarrow counts the chunk's rows from 1, header first
+        self.conn.rollback()
+        q = plan.query
+        stmt = sql.SQL("SELECT jsonb_build_array({}) FROM {}{}{} ORDER BY {} OFFSET %(n)s LIMIT 1").format(
+            sql.SQL(", ").join(sql.Identifier(k.name) for k in plan.key), q._ident(),
+            q._filter(after is not None, True),
+            sql.SQL(" AND ({}) IS NOT DISTINCT FROM ({})").format(
+                plan._partition_text(), sql.SQL(", ").join(
+                    sql.Placeholder(f"pv{i}") for i in range(len(pv)))) if pv else sql.SQL(""),
+            sql.SQL(", ").join(sql.Identifier(k.name) for k in plan.key))
+        params = dict(q.params(after, upto), n=offset, **{f"pv{i}": v for i, v in enumerate(pv)})
+        row = self.conn.execute(stmt, params).fetchone()
+        self.conn.rollback()
+        key = row[0] if row else "?"
+        return TargetError(
+            f"column {column.name} ({column.type_sql}) of {plan.spec.source_name}, the row with "
+            f"key {key}: {found.group(3)}, which Parquet cannot hold (an infinite date or "
+            "timestamp, NaN in a numeric(p,s), a year past 9999). Nothing of this chunk was "
+            "written; export with --format csv or ndjson, or leave such rows out with --where, "
+            "then rerun: the job resumes at this chunk")
 
     def _final(self, walk: int, index: int, pv: tuple[str | None, ...]) -> Any:
         name = files.chunk_file_name(self.manifest.prefix, walk, index, self.plan.spec.suffix)

@@ -89,35 +89,29 @@ def blocks_of(conn: psycopg.Connection, statement: Any, params: Any = None) -> I
     """The COPY data of ``statement`` in blocks of about ``COPY_BLOCK_BYTES``: the server
     sends one message per row; gathered into blocks, the writer's per-call cost (and
     the checksum's) is per block, not per row."""
-    buf = bytearray()
     with rows_of(conn, statement, params) as out:
-        get, more = out.get, out.more
-        while True:
-            nbytes, row = get(1)
-            if nbytes <= 0 and not (row := more(nbytes)):
-                break
-            buf += row
-            if len(buf) >= COPY_BLOCK_BYTES:
-                yield bytes(buf)
-                buf.clear()
-    if buf:
-        yield bytes(buf)
+        yield from _gathered(out)
 
 
 def copy_to(conn: psycopg.Connection, statement: Any, params: Any, write: Any) -> int:
     """Send the COPY data of ``statement`` to ``write(block)`` in blocks of about
     ``COPY_BLOCK_BYTES``; the rows the server sent ("COPY n")."""
-    buf = bytearray()
     with rows_of(conn, statement, params) as out:
-        get, more = out.get, out.more
-        while True:
-            nbytes, row = get(1)
-            if nbytes <= 0 and not (row := more(nbytes)):
-                break
-            buf += row
-            if len(buf) >= COPY_BLOCK_BYTES:
-                write(bytes(buf))
-                buf.clear()
-    if buf:
-        write(bytes(buf))
+        for block in _gathered(out):
+            write(block)
     return out.rowcount
+
+
+def _gathered(out: CopyOut) -> Iterator[bytes]:
+    buf = bytearray()
+    get, more = out.get, out.more
+    while True:
+        nbytes, row = get(1)
+        if nbytes <= 0 and not (row := more(nbytes)):
+            break
+        buf += row
+        if len(buf) >= COPY_BLOCK_BYTES:
+            yield bytes(buf)
+            buf.clear()
+    if buf:
+        yield bytes(buf)

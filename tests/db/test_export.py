@@ -91,6 +91,9 @@ def test_values_parquet_cannot_hold_fail_the_export_clearly(src: str, tmp_path: 
     result = etl.export(source=src, table="everything", to=tmp_path / "o", state=src)
     assert result.status is etl.Status.FAILED
     assert "infinite date or timestamp" in result.message and "--format csv" in result.message
+    # the column, the row's key and the value
+    assert result.message.startswith("column d (date) of public.everything, the row with key "
+                                     "[3]: invalid value 'infinity'"), result.message
     assert data_files(tmp_path / "o") == []  # nothing half-written is left
 
 
