@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import options as opt
 from .errors import UsageError
@@ -99,7 +99,9 @@ def load(files: str | Path | list[str | Path], *, table: str,
          dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
          progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
     """Load CSV, NDJSON or Parquet ``files`` (paths or globs) into ``table`` of ``target``
-    (PostgreSQL), in resumable chunks; PostgreSQL parses and converts every value.
+    (PostgreSQL, MySQL/MariaDB or SQLite), in resumable chunks. PostgreSQL parses and
+    converts every value itself; into MySQL/MariaDB and SQLite, etl does it in Python (see
+    the end).
 
     ``format`` is ``csv``, ``ndjson`` (``jsonl``) or ``parquet``; by default the files'
     extension says (.csv/.tsv/.txt, .ndjson/.jsonl/.json, .parquet/.pq; a text file's
@@ -134,6 +136,21 @@ def load(files: str | Path | list[str | Path], *, table: str,
     since is refused unless ``restart``. ``dry_run`` checks the files, the table and the
     columns and prints the SQL of each statement, writing nothing. Pacing, retries,
     ``report``, ``progress`` and ``stop`` are as for :func:`etl.copy`.
+
+    MySQL/MariaDB (``mysql+pymysql://…``) and SQLite (``sqlite:///path.db``) targets
+    (``etl.load_sql``): the same options, modes and guarantees. CSV fields are split as
+    PostgreSQL's CSV COPY splits them (``encoding`` may also be any Python codec name) and
+    every value is converted in Python to its column's type (integers range-checked,
+    decimals rounded to the scale and checked against the precision, booleans, ISO 8601
+    dates and timestamps — aware ones converted to UTC —, text against varchar(n)/char(n),
+    ``\\x`` hex bytes, json validated): a value that does not convert makes its row a dead
+    letter naming the column and the value; rows the database refuses (NOT NULL, CHECK,
+    foreign keys — enforced on SQLite too —, a duplicate key in append, a value too long)
+    are isolated by bisection. The state store is ``state`` (PostgreSQL; default: the
+    embedded one); the exact position is kept in the target itself, in table
+    ``etl_load_checkpoints`` (with the chunk's dead letters in ``etl_load_rejects`` until
+    the state store has them), written in each chunk's transaction. The default job name
+    is ``load:TABLE@DATABASE``.
     """
     from . import api, load_formats, load_job, pg
     from .jobrun import JobRun
@@ -143,12 +160,21 @@ def load(files: str | Path | list[str | Path], *, table: str,
     fmt = format_of(paths, format)
     tgt = api.resolve_url(target)
     date_order = date_order_of(date_format)
-    if date_order and not tgt.is_postgres:
-        raise UsageError("--date-format applies to loads into PostgreSQL for now (it sets the "
-                         "order PostgreSQL reads a date's fields in)")
-    if not tgt.is_postgres:
-        raise UsageError(f"--target {tgt.masked}: etl load writes into PostgreSQL for now "
-                         "(MySQL/MariaDB and SQLite targets come with the next part of this work)")
+    if not tgt.is_postgres:  # MySQL/MariaDB and SQLite: etl.load_sql
+        return _load_sql(paths, fmt, tgt, table=table, mode=mode, columns=columns,
+                         rejects=rejects, job=job, state=state, state_schema=state_schema,
+                         date_order=date_order,
+                         pacing=opt.pacing(chunk_size, chunk_seconds, max_rate, sleep,
+                                           max_runtime),
+                         retry=opt.retry_policy(retries, retry_max_wait),
+                         limits=ErrorLimits(max_errors=max_errors,
+                                            max_error_rate=max_error_rate),
+                         lock_timeout=opt.parse_duration(lock_timeout, "--lock-timeout"),
+                         dry_run=dry_run, restart=restart, report=report, progress=progress,
+                         stop=stop, csv_options=dict(delimiter=delimiter, quote=quote,
+                                                     escape=escape, header=header, null=null,
+                                                     encoding=encoding,
+                                                     skip_lines=skip_lines))
     if state and not parse(state).same_database(tgt):
         raise UsageError("--state: a load keeps its checkpoint in the target database (in each "
                          "chunk's transaction, so a rerun resumes at the exact row); leave "
@@ -189,3 +215,15 @@ def load(files: str | Path | list[str | Path], *, table: str,
         result.write(report)
     return result
 
+
+def _load_sql(paths: tuple[Path, ...], fmt: str, tgt: DbUrl, *, csv_options: dict[str, Any],
+              mode: str | Mode, columns: str | list[str] | None, rejects: str | Path | None,
+              **kw: Any) -> Result:
+    """The load into a MySQL/MariaDB or SQLite target (``etl.load_sql``)."""
+    from . import load_formats, load_sql
+
+    csv = load_formats.CsvOptions(**csv_options)
+    load_formats.file_format(fmt, csv)  # CSV options with another format: refused here
+    return load_sql.load(paths, fmt, tgt, csv=csv, mode=opt.parse_mode(mode),
+                         columns=opt.parse_names(columns, "--columns"),
+                         rejects=Path(rejects) if rejects else None, **kw)

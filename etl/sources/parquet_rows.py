@@ -20,7 +20,7 @@ A row's position is its index in the file (its line: the index + 1).
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,10 +73,13 @@ class ParquetRows:
     """Rows of one Parquet file from row ``start.offset``, as JSON lines."""
 
     def __init__(self, path: Path, start: Position, columns: Sequence[str], *,
-                 batch_rows: int = BATCH_ROWS) -> None:
+                 batch_rows: int = BATCH_ROWS,
+                 rows_of: Callable[[pa.RecordBatch], Sequence[Any]] | None = None) -> None:
+        """``rows_of`` turns a record batch into its rows (default: JSON lines)."""
         import pyarrow.parquet as pq
 
         self.path = path
+        self._rows_of = rows_of or _json_rows
         self._file = pq.ParquetFile(path)
         meta = self._file.metadata
         skip, group = start.offset, 0
@@ -86,7 +89,7 @@ class ParquetRows:
         self._batches = self._read(range(group, meta.num_row_groups), list(columns), skip,
                                    batch_rows)
         self._row = start.offset          # rows before the next one handed out
-        self._lines: list[bytes] = []
+        self._lines: Sequence[Any] = []
         self._next = 0
         self.done = False
 
@@ -99,7 +102,7 @@ class ParquetRows:
         self._file.close()
 
     def _read(self, groups: range, columns: list[str], skip: int,
-              batch_rows: int) -> Iterator[bytes]:
+              batch_rows: int) -> Iterator[Sequence[Any]]:
         if not groups:
             return
         for batch in self._file.iter_batches(batch_size=batch_rows, row_groups=groups,
@@ -109,7 +112,7 @@ class ParquetRows:
                 skip -= cut
                 batch = batch.slice(cut)
             if batch.num_rows:
-                yield json_lines(batch)
+                yield self._rows_of(batch)
 
     def has_more(self) -> bool:
         while self._next >= len(self._lines):
@@ -117,11 +120,12 @@ class ParquetRows:
             if data is None:
                 self.done = True
                 return False
-            self._lines, self._next = data.splitlines(keepends=True), 0
+            self._lines, self._next = data, 0
         return True
 
-    def next_row(self) -> tuple[bytes, int] | None:
-        """The next row's JSON line and its row number (1-based); None at the end."""
+    def next_row(self) -> tuple[Any, int] | None:
+        """The next row (a JSON line, by default) and its row number (1-based); None at the
+        end."""
         if not self.has_more():
             return None
         line = self._lines[self._next]
@@ -131,6 +135,10 @@ class ParquetRows:
 
     def chunk(self, size: int) -> CsvChunk:
         return CsvChunk(self, size)
+
+
+def _json_rows(batch: pa.RecordBatch) -> list[bytes]:
+    return json_lines(batch).splitlines(keepends=True)
 
 
 def json_lines(batch: pa.RecordBatch) -> bytes:
