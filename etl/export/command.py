@@ -36,7 +36,8 @@ def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | No
            dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
            progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
     """Export ``table`` (or the rows of ``query``, walked by ``key``) of ``source``
-    (PostgreSQL) into files in directory ``to``, in key order, in resumable chunks.
+    (PostgreSQL, MySQL/MariaDB or SQLite) into files in directory ``to``, in key order, in
+    resumable chunks.
 
     ``format`` is ``parquet`` (default; each chunk one row group, exact types: numeric(p,s)
     as decimal128, timestamptz as UTC timestamps, arrays as lists, bytea as binary, json as
@@ -50,8 +51,16 @@ def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | No
     the checkpoint moves past its rows, so a rerun after any crash resumes without a row
     twice or missing. The checkpoint is kept in ``state`` (default: the embedded
     PostgreSQL). ``where`` and ``columns`` narrow the rows and columns. ``dry_run`` prints
-    the plan and one chunk's COPY, writing nothing. Pacing, retries, ``report``,
+    the plan and one chunk's COPY (or read), writing nothing. Pacing, retries, ``report``,
     ``progress`` and ``stop`` are as for :func:`etl.copy`.
+
+    PostgreSQL is read by COPY in exact text forms. MySQL/MariaDB and SQLite are read
+    through SQLAlchemy as ``etl copy`` reads them (``key > last ORDER BY key LIMIT n``, one
+    short read transaction a chunk) and written from the Python values: Parquet types from
+    the columns' portable kinds (decimal128(p,s), timestamps — UTC-aware for MySQL
+    TIMESTAMP —, binary, json as text), PostgreSQL-compatible CSV (so ``etl load`` reads it
+    back exactly) and NDJSON (decimals as exact JSON numbers, bytes as ``\\x`` hex);
+    ``json_as="struct"`` is PostgreSQL's only.
     """
     from .. import api
     from ..jobrun import JobRun
@@ -75,22 +84,33 @@ def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | No
     if rows_per_file is not None and rows_per_file < 1:
         raise UsageError("--rows-per-file must be 1 or more")
     src = api.resolve_url(source)
+    sql_table = None
     if not src.is_postgres:
-        raise UsageError(f"--source {src.masked}: etl export reads PostgreSQL for now")
+        from ..sql_copy.connections import family_of
+        from ..sql_copy.plan import SqlName
+
+        fam = family_of(src)  # MySQL/MariaDB or SQLite, else a usage error
+        if json_as == "struct":
+            raise UsageError("--json-as struct is for PostgreSQL sources; from "
+                             f"{'SQLite' if fam == 'sqlite' else 'MySQL/MariaDB'} json columns "
+                             "are written as their text")
+        sql_table = SqlName.parse(table, fam) if table else None
     state_url = parse(state) if state else api.resolve_url(None)
     if not state_url.is_postgres:
         raise UsageError(f"--state {state_url.masked}: the state store is a PostgreSQL database")
-    name = TableName.parse(table) if table else TableName("", "query")
+    name = TableName.parse(table) if table and sql_table is None else TableName("", "query")
+    shown = sql_table or name
     spec = ExportSpec(
         source=src, state=state_url, table=name, to_dir=to_dir.resolve(),
-        job_id=job or (f"export:{name}" if table else f"export:query:{to_dir.resolve().name}"),
+        job_id=job or (f"export:{shown}" if table else f"export:query:{to_dir.resolve().name}"),
         format=fmt, query=query, key=opt.parse_names(key, "--key"),
         columns=opt.parse_names(columns, "--columns"), where=where,
         rows_per_file=rows_per_file, compression=codec,
         partition_by=opt.parse_names(partition_by, "--partition-by") or (),
         json_as=json_as, restart=restart,
         pacing=opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime),
-        retry=opt.retry_policy(retries, retry_max_wait), state_schema=state_schema)
+        retry=opt.retry_policy(retries, retry_max_wait), state_schema=state_schema,
+        sql_table=sql_table)
     if fmt == "parquet" and spec.pacing.chunk_size is None:
         spec = dataclasses.replace(spec, pacing=dataclasses.replace(
             spec.pacing, max_chunk=min(spec.pacing.max_chunk, PARQUET_MAX_CHUNK)))
@@ -99,20 +119,37 @@ def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | No
     prog = progress_for(progress)
     stop = stop if stop is not None else StopFlag()
     with stop_on_signals(stop):
-        conn = export_run.connect_source(src)
-        try:
-            plan = export_plan.make_plan(spec, conn)
-            if dry_run:
-                result = export_run.dry_run(plan, conn)
-            else:
-                export_run.check_directory(spec)
-                with JobRun(state_url, spec.job_id, "export", spec.args(),
-                            schema=state_schema) as run:
-                    result = export_run.execute(plan, run, conn, progress=prog, stop=stop,
-                                                report_path=str(report) if report else None)
-        finally:
-            if not conn.closed:
-                conn.close()
+        if src.is_postgres:
+            conn = export_run.connect_source(src)
+            try:
+                plan = export_plan.make_plan(spec, conn)
+                if dry_run:
+                    result = export_run.dry_run(plan, conn)
+                else:
+                    export_run.check_directory(spec)
+                    with JobRun(state_url, spec.job_id, "export", spec.args(),
+                                schema=state_schema) as run:
+                        result = export_run.execute(plan, run, conn, progress=prog, stop=stop,
+                                                    report_path=str(report) if report else None)
+            finally:
+                if not conn.closed:
+                    conn.close()
+        else:
+            from . import sql_source
+
+            db = sql_source.SqlSource(src)
+            try:
+                sql_plan = sql_source.make_plan(spec, db)
+                if dry_run:
+                    result = sql_source.dry_run(sql_plan, db)
+                else:
+                    export_run.check_directory(spec)
+                    with JobRun(state_url, spec.job_id, "export", spec.args(),
+                                schema=state_schema) as run:
+                        result = export_run.execute(sql_plan, run, db, progress=prog, stop=stop,
+                                                    report_path=str(report) if report else None)
+            finally:
+                db.dispose()
     if report:
         result.write(report)
     return result

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import psycopg
     from psycopg import sql as sqlmod
 
+    from ..sql_copy.plan import SqlName
+
 ExportFormat = Literal["parquet", "csv", "ndjson"]
 FORMATS: tuple[str, ...] = ("parquet", "csv", "ndjson")
 # --compression: Parquet's codecs (inside the file), or a whole-file codec for CSV/NDJSON.
@@ -61,10 +63,12 @@ class ExportSpec:
     pacing: Pacing = Pacing()
     retry: RetryPolicy = RetryPolicy()
     state_schema: str = "etl"
+    # a MySQL/MariaDB or SQLite source's table (``table`` is then unused)
+    sql_table: SqlName | None = None
 
     @property
     def source_name(self) -> str:
-        return "query" if self.query else str(self.table)
+        return "query" if self.query else str(self.sql_table or self.table)
 
     @property
     def suffix(self) -> str:
@@ -74,7 +78,8 @@ class ExportSpec:
         return self.format + TEXT_CODECS[self.compression]
 
     def args(self) -> dict[str, Any]:
-        return {"source": self.source.masked, "table": str(self.table), "query": self.query,
+        return {"source": self.source.masked, "table": str(self.sql_table or self.table),
+                "query": self.query,
                 "key": list(self.key or ()), "columns": list(self.columns or ()),
                 "where": self.where, "to": str(self.to_dir), "format": self.format,
                 "rows_per_file": self.rows_per_file, "compression": self.compression,

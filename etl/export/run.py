@@ -4,8 +4,12 @@ moves past its rows.
 
 A step writes one file — or, with ``--partition-by``, one file per partition value among
 its rows — of one chunk (one Parquet row group), or of ``--rows-per-file`` rows in row
-groups of the chunk size. Each chunk is read in its own read-only REPEATABLE READ
-transaction, by keyset (``key > last ORDER BY key LIMIT n``). Names are fixed by the
+groups of the chunk size. Each chunk is read by keyset (``key > last ORDER BY key LIMIT
+n``): from PostgreSQL by COPY in its own read-only REPEATABLE READ transaction
+(``PgExportStep``), from MySQL/MariaDB or SQLite through SQLAlchemy in one short read
+transaction, as Python values (``etl.export.sql_source.SqlExportStep``); the rest of a step
+— names, the rows-per-file loop, partitions, manifest entries, checkpoint — is shared
+(``ExportStep``). Names are fixed by the
 job's walk and the step's index (``<prefix>.w0001.000042.parquet``), so a step replayed
 after a crash writes the same names; at the start of a run, manifest entries past the
 stored checkpoint, temporary files and unlisted chunk files are removed. A new walk (a
@@ -18,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import catalog, lifecycle, pg
@@ -44,31 +50,41 @@ DIR_KEY = "export_dir"  # the checkpoint's watermark: the directory a walk write
 
 
 class ExportStep:
-    """One step: the next file(s) of the export."""
+    """One step: the next file(s) of the export. What every source shares — the walk's and
+    the step's file names, the rows-per-file loop, one file per partition value, the
+    manifest entries and the checkpoint after them; a subclass says how a chunk's rows
+    reach the files (``_chunk``) and where a checkpoint's rows end (``_after``)."""
 
-    def __init__(self, plan: ExportPlan, conn: psycopg.Connection, run: JobRun,
-                 manifest: files.Manifest) -> None:
+    def __init__(self, plan: Any, run: JobRun, manifest: files.Manifest) -> None:
         self.plan = plan
         self.run = run
         self.manifest = manifest
         self.files_written = 0
         self._failed = False
-        self._use(conn)
 
-    def _use(self, conn: psycopg.Connection) -> None:
-        self.conn = conn
-        self.source = PgKeysetSource(conn, self.plan.query, binary=False)
-
+    # -- what a source says -----------------------------------------------------------------
     def ensure_connected(self) -> None:
-        if not pg.is_usable(self.conn):
-            log.info("reconnecting to the source database")
-            self._use(pg.connect(self.plan.spec.source, "source", reconnect=True,
-                                 settings=_settings()))
         self.run.ensure_connected()
 
-    def close(self) -> None:
-        self.conn.close()
+    def close(self) -> None:  # pragma: no cover - each source closes its own connection
+        pass
 
+    def _after(self, cp: Checkpoint) -> Any:
+        """Where the rows after ``cp`` start, as ``_chunk`` takes it (None: the start)."""
+        raise NotImplementedError
+
+    def _open(self, final: Path) -> Any:
+        """A file being written (a ``FileOut`` of this source's rows)."""
+        raise NotImplementedError
+
+    def _chunk(self, after: Any, limit: int, out_for: Callable[[tuple[str | None, ...]], Any]
+               ) -> tuple[int, Any, Any] | None:
+        """Up to ``limit`` rows after ``after`` into ``out_for(partition values)``'s files:
+        (rows, the next ``after``, the bound: ``.text`` and ``.json`` of its last key), or
+        None when no row is left."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------
     def committed(self, cp: Checkpoint) -> Checkpoint | None:
         """The stored checkpoint, when a failed attempt's commit went through after all."""
         found = read_checkpoint(self.run.store.conn, cp.job_id, self.plan.spec.state_schema)
@@ -85,36 +101,24 @@ class ExportStep:
             self._failed = False
         walk, index = _walk(cp), cp.chunk_index + 1
         goal = spec.rows_per_file or size
-        after = tuple(cp.last_key) if cp.last_key is not None else None
-        outs: dict[tuple[str | None, ...], FileOut] = {}
+        after = self._after(cp)
+        outs: dict[tuple[str | None, ...], Any] = {}
+
+        def out_for(pv: tuple[str | None, ...]) -> Any:
+            out = outs.get(pv)
+            if out is None:
+                out = outs[pv] = self._open(self._final(walk, index, pv))
+            return out
+
         rows = 0
         bound = None
         try:
             while rows < goal:
-                upto = self.source.next_bound(after, min(size, goal - rows))
-                if upto is None:
+                got = self._chunk(after, min(size, goal - rows), out_for)
+                if got is None:
                     break
-                params = plan.query.params(after, upto.text)
-                if plan.partition:
-                    values = [tuple(r) for r in self.conn.execute(
-                        plan.partitions_sql(after is not None), params)]
-                else:
-                    values = [()]
-                for pv in values:
-                    out = outs.get(pv)
-                    if out is None:
-                        out = outs[pv] = open_file(plan, self._final(walk, index, pv))
-                    p = dict(params, **{f"pv{i}": v for i, v in enumerate(pv)})
-                    # Parquet's spool is read by its header; a CSV file has one, on top
-                    stmt = plan.copy_sql(after is not None, bool(pv), header=(
-                        spec.format == "parquet" or spec.format == "csv" and not _has_rows(out)))
-                    try:
-                        rows += out.add(lambda write, stmt=stmt, p=p: copy_to(
-                            self.conn, stmt, p, write))
-                    except TargetError as exc:
-                        raise self._located(exc, after, upto.text, pv) from exc
-                self.conn.rollback()  # the chunk's snapshot ends here
-                after, bound = upto.text, upto
+                n, after, bound = got
+                rows += n
                 if spec.json_as == "struct" and spec.format == "parquet":
                     break  # a struct type comes from one chunk's values: one a file
             if bound is None:
@@ -149,6 +153,70 @@ class ExportStep:
         log.debug("step %d: %d rows in %d file(s)", index, rows, len(entries))
         return StepOutcome(new, rows, nbytes)
 
+    def _final(self, walk: int, index: int, pv: tuple[str | None, ...]) -> Path:
+        name = files.chunk_file_name(self.manifest.prefix, walk, index, self.plan.spec.suffix)
+        if pv:
+            return self.manifest.dir / partition_dir(self.plan.partition, pv) / name
+        return self.manifest.dir / name
+
+
+class PgExportStep(ExportStep):
+    """PostgreSQL: each chunk's rows (per partition value) by COPY, in exact text forms."""
+
+    plan: ExportPlan
+
+    def __init__(self, plan: ExportPlan, conn: psycopg.Connection, run: JobRun,
+                 manifest: files.Manifest) -> None:
+        super().__init__(plan, run, manifest)
+        self._use(conn)
+
+    def _use(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.source = PgKeysetSource(conn, self.plan.query, binary=False)
+
+    def ensure_connected(self) -> None:
+        if not pg.is_usable(self.conn):
+            log.info("reconnecting to the source database")
+            self._use(pg.connect(self.plan.spec.source, "source", reconnect=True,
+                                 settings=_settings()))
+        self.run.ensure_connected()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _after(self, cp: Checkpoint) -> tuple[str, ...] | None:
+        return tuple(cp.last_key) if cp.last_key is not None else None
+
+    def _open(self, final: Path) -> FileOut:
+        return open_file(self.plan, final)
+
+    def _chunk(self, after: tuple[str, ...] | None, limit: int,
+               out_for: Callable[[tuple[str | None, ...]], Any]
+               ) -> tuple[int, tuple[str, ...], Any] | None:
+        spec, plan = self.plan.spec, self.plan
+        upto = self.source.next_bound(after, limit)
+        if upto is None:
+            return None
+        params = plan.query.params(after, upto.text)
+        if plan.partition:
+            values = [tuple(r) for r in self.conn.execute(
+                plan.partitions_sql(after is not None), params)]
+        else:
+            values = [()]
+        rows = 0
+        for pv in values:
+            out = out_for(pv)
+            p = dict(params, **{f"pv{i}": v for i, v in enumerate(pv)})
+            # Parquet's spool is read by its header; a CSV file has one, on top
+            stmt = plan.copy_sql(after is not None, bool(pv), header=(
+                spec.format == "parquet" or spec.format == "csv" and not _has_rows(out)))
+            try:
+                rows += out.add(lambda write, stmt=stmt, p=p: copy_to(self.conn, stmt, p, write))
+            except TargetError as exc:
+                raise self._located(exc, after, upto.text, pv) from exc
+        self.conn.rollback()  # the chunk's snapshot ends here
+        return rows, upto.text, upto
+
     def _located(self, exc: TargetError, after: tuple[str, ...] | None, upto: tuple[str, ...],
                  pv: tuple[str | None, ...]) -> TargetError:
         """A value Parquet cannot hold: name its column, the row's key and the value (pyarrow
@@ -180,12 +248,6 @@ class ExportStep:
             "timestamp, NaN in a numeric(p,s), a year past 9999). Nothing of this chunk was "
             "written; export with --format csv or ndjson, or leave such rows out with --where, "
             "then rerun: the job resumes at this chunk")
-
-    def _final(self, walk: int, index: int, pv: tuple[str | None, ...]) -> Any:
-        name = files.chunk_file_name(self.manifest.prefix, walk, index, self.plan.spec.suffix)
-        if pv:
-            return self.manifest.dir / partition_dir(self.plan.partition, pv) / name
-        return self.manifest.dir / name
 
 
 def _has_rows(out: FileOut) -> bool:
@@ -227,7 +289,7 @@ def check_directory(spec: ExportSpec) -> None:
         _check_same_dir(spec, read_checkpoint(conn, spec.job_id, spec.state_schema))
 
 
-def _start(plan: ExportPlan, run: JobRun, result: Result) -> tuple[Checkpoint, bool, files.Manifest]:
+def _start(plan: Any, run: JobRun, result: Result) -> tuple[Checkpoint, bool, files.Manifest]:
     """Reconcile DIR with the stored checkpoint; where this run starts."""
     spec = plan.spec
     found = None if spec.restart else read_checkpoint(run.store.conn, spec.job_id,
@@ -260,9 +322,17 @@ def _start(plan: ExportPlan, run: JobRun, result: Result) -> tuple[Checkpoint, b
                       "key": [k.name for k in plan.key], "where": spec.where,
                       "format": spec.format, "compression": spec.compression,
                       "partition_by": list(spec.partition_by), "json_as": spec.json_as,
-                      "schema": schema_doc(plan), "walk": _walk(cp), "complete": False}
+                      "schema": _schema_doc(plan), "walk": _walk(cp), "complete": False}
     manifest.save()
     return cp, resuming, manifest
+
+
+def _schema_doc(plan: Any) -> list[dict[str, Any]]:
+    if isinstance(plan, ExportPlan):
+        return schema_doc(plan)
+    from .sql_source import schema_doc as sql_schema_doc
+
+    return sql_schema_doc(plan)
 
 
 def count_remaining(conn: psycopg.Connection, plan: ExportPlan,
@@ -274,9 +344,12 @@ def count_remaining(conn: psycopg.Connection, plan: ExportPlan,
     return n, exact
 
 
-def execute(plan: ExportPlan, run: JobRun, conn: psycopg.Connection, *, progress: Progress,
+def execute(plan: Any, run: JobRun, conn: Any, *, progress: Progress,
             stop: StopFlag | None = None, report_path: str | None = None) -> Result:
-    """Run the planned export under ``run`` (lock held); failures end in the Result."""
+    """Run the planned export under ``run`` (lock held); failures end in the Result.
+    ``plan`` is an ``ExportPlan`` (PostgreSQL, ``conn`` its psycopg connection) or an
+    ``etl.export.sql_source.SqlExportPlan`` (MySQL/MariaDB, SQLite: ``conn`` its
+    ``SqlSource``)."""
     spec = plan.spec
     result = Result(job_id=spec.job_id, run_id=run.run_id, job_type="export",
                     started_at=utc_now())
@@ -284,15 +357,46 @@ def execute(plan: ExportPlan, run: JobRun, conn: psycopg.Connection, *, progress
                             "format": spec.format, "compression": spec.compression})
     result.artifacts["report"] = report_path
     holder: dict[str, files.Manifest] = {}
+    make_step: Callable[[files.Manifest], ExportStep]
+    remaining_after: Callable[[ExportStep, Checkpoint], tuple[int, bool]]
+    describe: Callable[[BaseException], str]
+    if isinstance(plan, ExportPlan):
+        def make_step(manifest: files.Manifest) -> ExportStep:
+            return PgExportStep(plan, conn, run, manifest)
+
+        def remaining_after(step: ExportStep, cp: Checkpoint) -> tuple[int, bool]:
+            return count_remaining(conn, plan, tuple(cp.last_key) if cp.last_key else None)
+
+        def describe(exc: BaseException) -> str:
+            return pg.describe_error(exc, spec.source)
+    else:
+        from ..sql_copy_io import describe_error
+        from . import sql_source
+
+        result.metadata["source_database"] = plan.family
+
+        def make_step(manifest: files.Manifest) -> ExportStep:
+            return sql_source.SqlExportStep(plan, conn, run, manifest)
+
+        def remaining_after(step: ExportStep, cp: Checkpoint) -> tuple[int, bool]:
+            assert isinstance(step, sql_source.SqlExportStep)
+            return step.count_remaining(cp)
+
+        def describe(exc: BaseException) -> str:
+            return describe_error(exc, spec.source)
 
     def start() -> lifecycle.Start:
         cp, resuming, manifest = _start(plan, run, result)
         holder["manifest"] = manifest
         result.artifacts["manifest"] = str(manifest.path)
-        remaining, exact = count_remaining(conn, plan,
-                                           tuple(cp.last_key) if cp.last_key else None)
-        return lifecycle.Start(ExportStep(plan, conn, run, manifest), cp, resuming,
-                               f"export {spec.source_name}", remaining, exact)
+        step = make_step(manifest)
+        try:
+            remaining, exact = remaining_after(step, cp)
+        except BaseException:
+            step.close()
+            raise
+        return lifecycle.Start(step, cp, resuming, f"export {spec.source_name}", remaining,
+                               exact)
 
     def finish(begun: lifecycle.Start, cp: Checkpoint) -> None:
         manifest = holder["manifest"]
@@ -305,40 +409,53 @@ def execute(plan: ExportPlan, run: JobRun, conn: psycopg.Connection, *, progress
     out = lifecycle.execute(run, result, start=start, finish=finish, pacing=spec.pacing,
                             retry=spec.retry, progress=progress,
                             stop=stop if stop is not None else StopFlag(), state=spec.state,
-                            describe=lambda exc: pg.describe_error(exc, spec.source),
-                            verb="exported")
+                            describe=describe, verb="exported")
     if "manifest" in holder:
         out.artifacts["output_files"] = [
             str(spec.to_dir / e.file) for _, e in sorted(holder["manifest"].entries.items())]
     return out
 
 
-def dry_run(plan: ExportPlan, conn: psycopg.Connection) -> Result:
-    """The plan, the rows left (after the stored checkpoint, if any) and one chunk's COPY;
-    reads the source and the state store (if it exists), writes nothing."""
+def stored_checkpoint(spec: ExportSpec) -> Checkpoint | None:
+    """The unfinished checkpoint a dry run would resume from (None: a fresh start); reads the
+    state store if it exists, writes nothing."""
     from ..errors import EtlError
-    from .plan import describe_plan
 
-    spec = plan.spec
-    after = None
-    if not spec.restart:
-        try:
-            with pg.connect(spec.state, "state", autocommit=True) as stconn:
-                found = read_checkpoint(stconn, spec.job_id, spec.state_schema)
-        except EtlError:
-            found = None
-        if found is not None and not found[1] and found[0].last_key is not None:
-            after = tuple(found[0].last_key)
-    remaining, exact = count_remaining(conn, plan, after)
-    text = describe_plan(plan, remaining, exact)
+    if spec.restart:
+        return None
+    try:
+        with pg.connect(spec.state, "state", autocommit=True) as stconn:
+            found = read_checkpoint(stconn, spec.job_id, spec.state_schema)
+    except EtlError:
+        found = None
+    if found is not None and not found[1] and found[0].last_key is not None:
+        return found[0]
+    return None
+
+
+def dry_run_result(spec: ExportSpec, text: str, remaining: int, after: Any,
+                   columns: list[str]) -> Result:
     if after is not None:
         text = text.replace("\nrows:", f"\nresumes:      after key {list(after)}\nrows:", 1)
     now = utc_now()
     result = Result(job_id=spec.job_id, run_id="dry-run", job_type="export", started_at=now,
                     completed_at=now, status=Status.COMPLETED, total_items=remaining)
     result.metadata.update({"dry_run": True, "plan": text, "estimated_rows": remaining,
-                            "columns": [c.name for c in plan.columns]})
+                            "columns": columns})
     return result
 
 
-__all__ = ["ExportStep", "check_directory", "connect_source", "count_remaining", "dry_run", "execute"]
+def dry_run(plan: ExportPlan, conn: psycopg.Connection) -> Result:
+    """The plan, the rows left (after the stored checkpoint, if any) and one chunk's COPY;
+    reads the source and the state store (if it exists), writes nothing."""
+    from .plan import describe_plan
+
+    stored = stored_checkpoint(plan.spec)
+    after = tuple(stored.last_key) if stored is not None and stored.last_key else None
+    remaining, exact = count_remaining(conn, plan, after)
+    return dry_run_result(plan.spec, describe_plan(plan, remaining, exact), remaining, after,
+                          [c.name for c in plan.columns])
+
+
+__all__ = ["ExportStep", "PgExportStep", "check_directory", "connect_source", "count_remaining",
+           "dry_run", "dry_run_result", "execute", "stored_checkpoint"]
