@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -233,26 +234,39 @@ def make_plan(spec: ExportSpec, conn: psycopg.Connection) -> ExportPlan:
 
 def describe_plan(plan: ExportPlan, remaining: int, exact: bool) -> str:
     """The --dry-run text: what would be written where, and one chunk's COPY."""
-    spec = plan.spec
+    return plan_text(plan.spec, source=spec_source(plan.spec), key=plan.key,
+                     columns=[f"{c.name} {c.type_sql}" for c in plan.columns],
+                     partition=plan.partition, remaining=remaining, exact=exact,
+                     per_chunk=plan.copy_sql(True, bool(plan.partition), False).as_string(None))
+
+
+def spec_source(spec: ExportSpec) -> str:
+    return f"{spec.source.masked}  {spec.source_name}"
+
+
+def plan_text(spec: ExportSpec, *, source: str, key: Sequence[Any], columns: Sequence[str],
+              partition: Sequence[Any], remaining: int, exact: bool, per_chunk: str) -> str:
+    """The --dry-run text of an export from any source (``key``/``partition``: columns
+    with a ``name``)."""
     about = "" if exact else "~"
     per_file = (f"{spec.rows_per_file:,} rows a file, in row groups of the chunk size"
                 if spec.rows_per_file else "one file a chunk")
     lines = [f"job:          {spec.job_id}",
-             f"source:       {spec.source.masked}  {spec.source_name}",
-             f"key:          {', '.join(k.name for k in plan.key)}",
+             f"source:       {source}",
+             f"key:          {', '.join(k.name for k in key)}",
              f"to:           {spec.to_dir}  ({spec.format}, compression {spec.compression}; "
              f"{per_file})",
-             f"columns:      {', '.join(f'{c.name} {c.type_sql}' for c in plan.columns)}"]
-    if plan.partition:
-        lines.append(f"partitions:   {'/'.join(c.name + '=…' for c in plan.partition)} "
+             f"columns:      {', '.join(columns)}"]
+    if partition:
+        lines.append(f"partitions:   {'/'.join(c.name + '=…' for c in partition)} "
                      "(hive style; those columns are in the directory names)")
     if spec.where:
         lines.append(f"where:        {spec.where}")
-    lines += [f"rows:         {about}{remaining:,}",
-              f"per chunk:    {plan.copy_sql(True, bool(plan.partition), False).as_string(None)}",
+    lines += [f"rows:         {about}{remaining:,}", f"per chunk:    {per_chunk}",
               "dry run: nothing was written"]
     return "\n".join(lines)
 
 
 __all__ = ["FORMATS", "JSON_AS", "TEXT_SETTINGS", "ExportFormat", "ExportPlan", "ExportSpec",
-           "check_compression", "check_format", "describe_plan", "list_item_kind", "make_plan"]
+           "check_compression", "check_format", "describe_plan", "list_item_kind", "make_plan",
+           "plan_text", "spec_source"]

@@ -277,25 +277,12 @@ class SqlExportStep(ExportStep):
 
 def describe_plan(plan: SqlExportPlan, remaining: int, exact: bool) -> str:
     """The --dry-run text: what would be written where, and one chunk's read."""
-    spec = plan.spec
-    about = "" if exact else "~"
-    per_file = (f"{spec.rows_per_file:,} rows a file, in row groups of the chunk size"
-                if spec.rows_per_file else "one file a chunk")
-    lines = [f"job:          {spec.job_id}",
-             f"source:       {spec.source.masked}  {spec.source_name}  ({plan.family})",
-             f"key:          {', '.join(k.name for k in plan.key)}",
-             f"to:           {spec.to_dir}  ({spec.format}, compression {spec.compression}; "
-             f"{per_file})",
-             f"columns:      {', '.join(f'{c.name} {c.native or c.type}' for c in plan.columns)}"]
-    if plan.partition:
-        lines.append(f"partitions:   {'/'.join(c.name + '=…' for c in plan.partition)} "
-                     "(hive style; those columns are in the directory names)")
-    if spec.where:
-        lines.append(f"where:        {spec.where}")
-    lines += [f"rows:         {about}{remaining:,}",
-              f"per chunk:    {plan.read_sql}",
-              "dry run: nothing was written"]
-    return "\n".join(lines)
+    from .plan import plan_text, spec_source
+
+    return plan_text(plan.spec, source=f"{spec_source(plan.spec)}  ({plan.family})",
+                     key=plan.key, columns=[f"{c.name} {c.native or c.type}" for c in plan.columns],
+                     partition=plan.partition, remaining=remaining, exact=exact,
+                     per_chunk=str(plan.read_sql))
 
 
 def dry_run(plan: SqlExportPlan, db: SqlSource) -> Result:

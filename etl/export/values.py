@@ -28,7 +28,7 @@ from ..dialects import Kind, PortableColumn
 from ..errors import TargetError
 from ..sinks import files
 from ..sql_copy_io import _time_text
-from .writers import TextOut
+from .writers import ParquetFile, TextOut
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -177,20 +177,17 @@ class ValuesTextOut:
         self._out.abort()
 
 
-class ValuesParquetOut:
+class ValuesParquetOut(ParquetFile):
     """Parquet of Python values: each chunk one row group, in the columns' exact types."""
 
     def __init__(self, final: Path, plan: SqlExportPlan) -> None:
         import pyarrow as pa
 
-        self.final = final
-        self.tmp = files.temp_path(final)
+        super().__init__(final)
         self.plan = plan
-        self.rows = 0
         self.schema = pa.schema([pa.field(c.name, arrow_type(c), nullable=c.nullable)
                                  for c in plan.columns])
         self._as_text = [pa.types.is_string(f.type) for f in self.schema]
-        self._writer: Any = None
 
     def add_rows(self, rows: list[tuple[Any, ...]]) -> int:
         import pyarrow as pa
@@ -219,21 +216,6 @@ class ValuesParquetOut:
         self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
         self.rows += table.num_rows
         return table.num_rows
-
-    def close(self) -> files.Written:
-        assert self._writer is not None, "a Parquet file is opened by its first rows"
-        self._writer.close()
-        size, sha = self.tmp.stat().st_size, files.sha256_of(self.tmp)
-        files.publish(self.tmp, self.final)
-        return files.Written(rows=self.rows, bytes=size, sha256=sha)
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:  # noqa: BLE001 - the file is deleted anyway
-                pass
-        self.tmp.unlink(missing_ok=True)
 
 
 def _refused(v: Any, typ: pa.DataType) -> bool:

@@ -157,16 +157,39 @@ class TextOut:
             self.tmp.unlink(missing_ok=True)
 
 
-class ParquetOut:
+class ParquetFile:
+    """A Parquet file being written (``_writer``: a ``pyarrow.parquet.ParquetWriter``,
+    opened by the first chunk); ``close`` publishes it, ``abort`` deletes it."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.tmp = files.temp_path(final)
+        self.rows = 0
+        self._writer: Any = None
+
+    def close(self) -> files.Written:
+        assert self._writer is not None, "a Parquet file is opened by its first rows"
+        self._writer.close()
+        size, sha = self.tmp.stat().st_size, files.sha256_of(self.tmp)
+        files.publish(self.tmp, self.final)
+        return files.Written(rows=self.rows, bytes=size, sha256=sha)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - the file is deleted anyway
+                pass
+        self.tmp.unlink(missing_ok=True)
+
+
+class ParquetOut(ParquetFile):
     """Parquet: each chunk one row group, its values in their exact Arrow types."""
 
     def __init__(self, final: Path, plan: ExportPlan) -> None:
-        self.final = final
-        self.tmp = files.temp_path(final)
+        super().__init__(final)
         self.plan = plan
-        self.rows = 0
         self.types = arrow_types(plan.columns, plan.spec.json_as)
-        self._writer: Any = None
 
     def add(self, copy: Any) -> int:
         import pyarrow as pa
@@ -224,22 +247,6 @@ class ParquetOut:
             fields.append(pa.field(c.name, arr.type, nullable=not c.not_null))
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
-    def close(self) -> files.Written:
-        assert self._writer is not None, "a Parquet file is opened by its first rows"
-        self._writer.close()
-        size, sha = self.tmp.stat().st_size, files.sha256_of(self.tmp)
-        files.publish(self.tmp, self.final)
-        return files.Written(rows=self.rows, bytes=size, sha256=sha)
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:  # noqa: BLE001 - the file is deleted anyway
-                pass
-        self.tmp.unlink(missing_ok=True)
-
-
 def open_file(plan: ExportPlan, final: Path) -> FileOut:
     final.parent.mkdir(parents=True, exist_ok=True)
     if plan.spec.format == "parquet":
@@ -260,5 +267,5 @@ def schema_doc(plan: ExportPlan) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["NULL_PARTITION", "FileOut", "ParquetOut", "TextOut", "arrow_types", "open_file",
+__all__ = ["NULL_PARTITION", "FileOut", "ParquetFile", "ParquetOut", "TextOut", "arrow_types", "open_file",
            "partition_dir", "schema_doc"]
