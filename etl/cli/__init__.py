@@ -24,7 +24,7 @@ from . import common
 @click.version_option(package_name="etl", prog_name="etl")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
-    """Resumable, transactional bulk ETL: copy, archive and load tables in chunks.
+    """Resumable, transactional bulk ETL: copy, archive, load and export tables in chunks.
 
     Every command works in keyset chunks, one transaction each, with a checkpoint
     so a rerun resumes where the last run stopped. Where no database URL is given,
