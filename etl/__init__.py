@@ -30,6 +30,7 @@ from .model import Category, Mode, Status
 
 if TYPE_CHECKING:
     from .api import backfill, copy
+    from .control import cancel, pause, resume
     from .dlq import list_dead_letters, purge_dead_letters, replay_dead_letters, show_dead_letter
     from .load_command import load
     from .report import Result
@@ -51,12 +52,15 @@ __all__ = [
     "__version__",
     "archive",
     "backfill",
+    "cancel",
     "copy",
     "export",
     "list_dead_letters",
     "load",
+    "pause",
     "purge_dead_letters",
     "replay_dead_letters",
+    "resume",
     "show_dead_letter",
 ]
 
@@ -64,6 +68,9 @@ _LAZY = {
     "copy": ("etl.api", "copy"),
     "backfill": ("etl.api", "backfill"),
     "load": ("etl.load_command", "load"),
+    "pause": ("etl.control", "pause"),
+    "resume": ("etl.control", "resume"),
+    "cancel": ("etl.control", "cancel"),
     "Result": ("etl.report", "Result"),
     "list_dead_letters": ("etl.dlq", "list_dead_letters"),
     "show_dead_letter": ("etl.dlq", "show_dead_letter"),

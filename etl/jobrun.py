@@ -21,6 +21,21 @@ from .urls import DbUrl
 
 # A running job marks itself alive this often (when chunks are shorter than this).
 HEARTBEAT_SECONDS = 1.0
+# ... and asks the state store for `etl pause`/`etl cancel` requests at most this often.
+CONTROL_SECONDS = 0.2
+# The command line of this process's `etl` command (set by the CLI), kept with the job so
+# that `etl resume JOB` can run it again; None for a job started from Python.
+INVOKED_AS: list[str] | None = None
+
+
+def _invocation() -> dict[str, Any]:
+    """The command line this job was started with, passwords masked (and whether one was)."""
+    if INVOKED_AS is None:
+        return {}
+    from .urls import mask
+
+    masked = [mask(a) for a in INVOKED_AS]
+    return {"argv": masked, "argv_had_secret": masked != list(INVOKED_AS)}
 
 
 class JobRun:
@@ -37,6 +52,7 @@ class JobRun:
         self.stale_runs_closed = 0
         self._store: StateStore | None = None
         self._last_heartbeat = time.monotonic()
+        self._last_control = 0.0
 
     @property
     def store(self) -> StateStore:
@@ -49,7 +65,7 @@ class JobRun:
             store = StateStore(conn, self.schema)
             store.ensure()
             lock.acquire(conn, self.job_id)
-            store.register_job(self.job_id, self.job_type, self.args)
+            store.register_job(self.job_id, self.job_type, {**self.args, **_invocation()})
         except BaseException:
             conn.close()
             raise
@@ -95,6 +111,28 @@ class JobRun:
             self._last_heartbeat = now
         except psycopg.OperationalError:
             pass
+
+    def control(self) -> str | None:
+        """A pending ``pause`` or ``cancel`` request for this job (asked at most every
+        CONTROL_SECONDS; a state store that cannot be reached is asked again later)."""
+        import psycopg
+
+        now = time.monotonic()
+        if now - self._last_control < CONTROL_SECONDS:
+            return None
+        self._last_control = now
+        try:
+            found = self.store.pending_request(self.job_id)
+        except psycopg.OperationalError:
+            return None
+        return found[1] if found else None
+
+    def handled(self) -> None:
+        """The run stopped for the job's pending requests: mark them handled."""
+        self.store.handle_requests(self.job_id, self.run_id)
+
+    def paused_at(self) -> str | None:
+        return self.store.paused_at(self.job_id)
 
     def begin(self) -> None:
         """Record the run as running (closing runs a dead process left open)."""

@@ -63,6 +63,13 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
     first = 0
     try:
         run.begin()
+        paused = run.paused_at()
+        if paused is not None:  # paused by `etl pause`: no chunk until `etl resume`
+            result.status = Status.PAUSED
+            result.message = (f"job {run.job_id} is paused (etl pause, {paused}); `etl resume "
+                              f"{run.job_id}` goes on")
+            run.handled()
+            return run_result.close(result, None, retries, t0, run, progress, state, verb)
         if run.stale_runs_closed:
             log.warning("closed %d run(s) of %s left open by a process that died",
                         run.stale_runs_closed, run.job_id)
@@ -84,11 +91,14 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
 
         loop = run_loop(begun.step, cp, pacing, stop=stop, progress=progress,
                         on_chunk=after_chunk, retry=retry, retries=retries,
-                        before_chunk=replica.wait if replica is not None else None)
+                        before_chunk=replica.wait if replica is not None else None,
+                        control=run.control)
         latest = loop.checkpoint
         result.status, result.message = loop.status, loop.message
         result.rows_this_run = loop.rows + begun.rows_before
         result.metadata["chunk_size_last"] = loop.last_chunk_size
+        if loop.status in (Status.PAUSED, Status.CANCELLED):
+            run.handled()
         if loop.status is Status.COMPLETED:
             finish(begun, loop.checkpoint)
             result.total_items = loop.checkpoint.processed

@@ -146,13 +146,15 @@ def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
              stop: StopFlag | None = None, progress: Progress | None = None,
              on_chunk: Callable[[StepOutcome], None] | None = None,
              retry: RetryPolicy | None = None, retries: RetryStats | None = None,
-             before_chunk: Callable[[Callable[[], bool]], None] | None = None) -> LoopResult:
+             before_chunk: Callable[[Callable[[], bool]], None] | None = None,
+             control: Callable[[], str | None] | None = None) -> LoopResult:
     """Run ``step`` until it returns None (no more rows) or the loop must stop.
 
     A step that fails transiently is retried (``retry``) from the same checkpoint:
     its transaction rolled back, so nothing of the failed attempt remains.
     ``before_chunk(should_stop)`` runs before each chunk and may wait (for a lagging
-    replica, say) as long as ``should_stop()`` is false.
+    replica, say) as long as ``should_stop()`` is false. ``control()`` is asked before each
+    chunk for a request from another process: ``pause`` or ``cancel`` ends the loop there.
     """
     stop = stop if stop is not None else StopFlag()
     policy = retry or RetryPolicy()
@@ -173,6 +175,14 @@ def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
         if out_of_time():
             return LoopResult(Status.STOPPED, cp, chunks, rows, nbytes, sizer.size,
                               f"stopped after --max-runtime {pacing.max_runtime:g}s; rerun to resume")
+        asked = control() if control is not None else None
+        if asked == "pause":
+            return LoopResult(Status.PAUSED, cp, chunks, rows, nbytes, sizer.size,
+                              "paused at a chunk boundary (etl pause); `etl resume` goes on")
+        if asked == "cancel":
+            return LoopResult(Status.CANCELLED, cp, chunks, rows, nbytes, sizer.size,
+                              "cancelled at a chunk boundary (etl cancel); the checkpoint "
+                              "stays: a rerun resumes, --restart starts over")
         if before_chunk is not None and not waited:
             before_chunk(lambda: bool(stop) or out_of_time())
             waited = True

@@ -58,7 +58,8 @@ def _register() -> None:
     cli.add_command(export_cmd.export)
     cli.add_command(db_cmd.db)
     cli.add_command(dlq_cmd.dlq)
-    for command in (jobs_cmd.status, jobs_cmd.runs, jobs_cmd.report):
+    for command in (jobs_cmd.status, jobs_cmd.runs, jobs_cmd.report, jobs_cmd.pause,
+                    jobs_cmd.resume, jobs_cmd.cancel):
         cli.add_command(command)
 
 
@@ -67,7 +68,11 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    from .. import jobrun
+
+    args = list(argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in args
+    jobrun.INVOKED_AS = args  # kept with the job: `etl resume JOB` runs it again
     try:
         cli.main(args=argv, prog_name="etl", standalone_mode=False)
     except click.exceptions.Exit as exc:

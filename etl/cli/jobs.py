@@ -74,3 +74,42 @@ def report(run_id: str, state: str | None, state_schema: str) -> None:
     """Print the result JSON of RUN_ID (the same document --json printed)."""
     click.echo(json.dumps(api.report(run_id, state=state, state_schema=state_schema),
                           indent=2, default=str))
+
+
+@click.command()
+@click.argument("job")
+@_state_options
+def pause(job: str, state: str | None, state_schema: str) -> None:
+    """Pause JOB at its next chunk boundary (the chunk in flight commits or rolls back
+    whole); the run ends with status paused, exit 4. The job stays paused — a later run
+    stops at once — until `etl resume JOB`."""
+    from ..control import pause as request_pause
+
+    click.echo(request_pause(job, state=state, state_schema=state_schema).message, err=True)
+
+
+@click.command()
+@click.argument("job")
+@_state_options
+def cancel(job: str, state: str | None, state_schema: str) -> None:
+    """Cancel JOB's running run at its next chunk boundary (status cancelled, exit 4). Its
+    checkpoint stays: a rerun resumes, --restart starts over. A paused job is unpaused."""
+    from ..control import cancel as request_cancel
+
+    click.echo(request_cancel(job, state=state, state_schema=state_schema).message, err=True)
+
+
+@click.command()
+@click.argument("job")
+@_state_options
+def resume(job: str, state: str | None, state_schema: str) -> None:
+    """Lift JOB's pause and run it again with the arguments it was started with (a job
+    started from the command line; passwords are not stored — URLs from ETL_*_URL are
+    read again from the environment). Exits with the run's exit code."""
+    from ..control import resume as request_resume
+    from . import main
+
+    result = request_resume(job, state=state, state_schema=state_schema)
+    click.echo(result.message, err=True)
+    if result.argv:
+        main(result.argv)

@@ -181,6 +181,43 @@ class StateStore:
         ).fetchone()
         return (row[0], int(row[1]), row[2]) if row else None
 
+    # -- control requests: `etl pause|resume|cancel JOB` from any process ---------------
+    def request(self, job_id: str, action: str, *, handled_by: str | None = None) -> int:
+        """Record a control request (``pause``, ``resume``, ``cancel``); a request that needs
+        no run to act on it is recorded as handled (``handled_by``: the run, if any)."""
+        row = self._exec(
+            """INSERT INTO {s}.control_requests (job_id, action, requested_by, handled_at,
+                   handled_by)
+               VALUES (%s, %s, %s, CASE WHEN %s THEN now() END, %s) RETURNING id""",
+            (job_id, action, f"{socket.gethostname()}:{os.getpid()}",
+             action == "resume", handled_by)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def pending_request(self, job_id: str) -> tuple[int, str] | None:
+        """The oldest pause or cancel request not acted on yet."""
+        row = self._exec(
+            """SELECT id, action FROM {s}.control_requests
+               WHERE job_id = %s AND handled_at IS NULL AND action IN ('pause', 'cancel')
+               ORDER BY id LIMIT 1""", (job_id,)).fetchone()
+        return (int(row[0]), str(row[1])) if row else None
+
+    def handle_requests(self, job_id: str, run_id: str) -> None:
+        """Mark the job's pending requests handled by ``run_id`` (it stopped for them)."""
+        self._exec(
+            """UPDATE {s}.control_requests SET handled_at = now(), handled_by = %s
+               WHERE job_id = %s AND handled_at IS NULL""", (run_id, job_id))
+
+    def paused_at(self, job_id: str) -> str | None:
+        """When the job was paused, if its latest pause or resume request is a pause (acted
+        on or not): a paused job stays paused — later runs too — until `etl resume`."""
+        row = self._exec(
+            """SELECT action, to_char(requested_at AT TIME ZONE 'UTC',
+                   'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+               FROM {s}.control_requests WHERE job_id = %s AND action IN ('pause', 'resume')
+               ORDER BY id DESC LIMIT 1""", (job_id,)).fetchone()
+        return str(row[1]) if row and row[0] == "pause" else None
+
     # -- reading, for `etl runs`, `etl report`, `etl status` -------------------
     def report(self, run_id: str) -> dict[str, Any] | None:
         import uuid
@@ -238,4 +275,12 @@ class StateStore:
                     "succeeded": succeeded, "failed": failed, "skipped": skipped,
                     "finished": finished, "timestamp": cp_time},
             })
+        for job in out:  # `etl pause` holds a job until `etl resume`, run or not
+            job["paused_at"] = self.paused_at(job["job_id"])
+            if job["paused_at"] and job["status"] != "running":
+                job["status"] = "paused"
         return out
+
+    def job_args(self, job_id: str) -> dict[str, Any] | None:
+        row = self._exec("SELECT args FROM {s}.jobs WHERE job_id = %s", (job_id,)).fetchone()
+        return dict(row[0] or {}) if row else None
