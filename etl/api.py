@@ -269,9 +269,15 @@ def _store_query(state: str | DbUrl | None, schema: str, fn):
 
 
 def status(job: str | None = None, *, state: str | DbUrl | None = None,
-           state_schema: str = DEFAULT_SCHEMA) -> list[dict]:
-    """Every job (or one) with its last run and its checkpoint."""
-    return _store_query(state, state_schema, lambda s: s.jobs(job)) or []
+           state_schema: str = DEFAULT_SCHEMA, stale_after: float | None = None) -> list[dict]:
+    """Every job (or one) with its status (``running``, ``stale`` — a running run whose
+    heartbeat is older than ``stale_after`` seconds, default 15 —, ``paused``, ``completed``
+    …), its last run with its live progress (rows done of total, rows/s, ETA, chunk,
+    errors, retries, last key), heartbeat age and its checkpoint."""
+    from .state.store import STALE_AFTER_SECONDS
+
+    after = STALE_AFTER_SECONDS if stale_after is None else stale_after
+    return _store_query(state, state_schema, lambda s: s.jobs(job, after)) or []
 
 
 def runs(job: str | None = None, *, state: str | DbUrl | None = None,

@@ -7,19 +7,21 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from types import TracebackType
 from typing import Any
 
 from . import pg
+from .errors import EtlError
 from .report import Result
 from .state import lock
 from .state.schema import DEFAULT_SCHEMA
 from .state.store import StateStore
 from .urls import DbUrl
 
-# A running job marks itself alive this often (when chunks are shorter than this).
+# A running job marks itself alive (with its progress) this often, from a thread.
 HEARTBEAT_SECONDS = 1.0
 # ... and asks the state store for `etl pause`/`etl cancel` requests at most this often.
 CONTROL_SECONDS = 0.2
@@ -51,8 +53,10 @@ class JobRun:
         self.run_id = str(uuid.uuid4())
         self.stale_runs_closed = 0
         self._store: StateStore | None = None
-        self._last_heartbeat = time.monotonic()
         self._last_control = 0.0
+        self.progress: dict[str, Any] = {}  # the latest snapshot, written by the heartbeats
+        self._beats: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def store(self) -> StateStore:
@@ -98,19 +102,37 @@ class JobRun:
         """
         self.store.conn.execute("SELECT 1")
 
-    def heartbeat(self) -> None:
-        """Mark the run alive (at most every HEARTBEAT_SECONDS: each is a commit); a dropped
-        state connection is reopened by the next chunk."""
+    def heartbeat(self, progress: dict[str, Any] | None = None) -> None:
+        """Note the run's progress after a chunk; the heartbeat thread writes it (with the
+        run's heartbeat) about every HEARTBEAT_SECONDS, also while a long chunk runs."""
+        if progress is not None:
+            self.progress = progress
+
+    def start_heartbeats(self) -> None:
+        """Mark the run alive from a thread of its own, on a connection of its own (the
+        job's state connection may be inside a chunk's transaction): `etl status` shows a
+        run whose heartbeat stopped as stale. A state store out of reach is tried again
+        at the next beat."""
+        if self._beats is not None:
+            return
+        self._beats = threading.Thread(target=self._beat, name="etl-heartbeat", daemon=True)
+        self._beats.start()
+
+    def _beat(self) -> None:
         import psycopg
 
-        now = time.monotonic()
-        if now - self._last_heartbeat < HEARTBEAT_SECONDS:
-            return
-        try:
-            self.store.heartbeat(self.run_id)
-            self._last_heartbeat = now
-        except psycopg.OperationalError:
-            pass
+        conn: psycopg.Connection | None = None
+        while not self._stopping.wait(HEARTBEAT_SECONDS):
+            try:
+                if conn is None or conn.closed:
+                    conn = pg.connect(self.state_url, "state", autocommit=True)
+                StateStore(conn, self.schema).heartbeat(self.run_id, self.progress)
+            except (psycopg.Error, EtlError):
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
 
     def control(self) -> str | None:
         """A pending ``pause`` or ``cancel`` request for this job (asked at most every
@@ -135,14 +157,20 @@ class JobRun:
         return self.store.paused_at(self.job_id)
 
     def begin(self) -> None:
-        """Record the run as running (closing runs a dead process left open)."""
+        """Record the run as running (closing runs a dead process left open), and start
+        its heartbeats."""
         self.stale_runs_closed = self.store.start_run(self.job_id, self.run_id)
+        self.start_heartbeats()
 
     def finish(self, result: Result) -> None:
         self.store.finish_run(self.run_id, result.status, result.to_dict())
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self._stopping.set()
+        if self._beats is not None:
+            self._beats.join(timeout=10)
+            self._beats = None
         if self._store is not None:
             self._store.conn.close()  # releases the advisory lock with the session
             self._store = None

@@ -81,13 +81,18 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
                      cp.last_key_json, cp.chunk_index, cp.processed)
         progress.start(begun.label, cp.processed, cp.processed + begun.remaining, begun.exact)
         result.total_items = cp.processed + begun.remaining
+        total = result.total_items
+        run.heartbeat(live(cp, total, begun.exact, first, t0, 0, retries.total))
 
         def after_chunk(outcome: StepOutcome) -> None:
-            nonlocal latest
+            nonlocal latest, total
             for error in outcome.errors:
                 result.add_error(error)
-            run.heartbeat()
+            if outcome.total is not None:
+                total = outcome.total
             latest = outcome.checkpoint
+            run.heartbeat(live(latest, total, begun.exact if begun else True, first, t0,
+                               outcome.rows, retries.total))
 
         loop = run_loop(begun.step, cp, pacing, stop=stop, progress=progress,
                         on_chunk=after_chunk, retry=retry, retries=retries,
@@ -127,4 +132,19 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
     return run_result.close(result, latest, retries, t0, run, progress, state, verb)
 
 
-__all__ = ["Start", "execute"]
+def live(cp: Checkpoint, total: int, exact: bool, first: int, t0: float, chunk_rows: int,
+         retries: int) -> dict[str, Any]:
+    """A running job's progress, as `etl status` shows it (written by the heartbeats)."""
+    from .report import utc_now
+
+    done = cp.processed
+    total = max(total, done)
+    rate = (done - first) / max(time.monotonic() - t0, 1e-9)
+    return {"processed": done, "total": total, "exact": exact,
+            "rows_per_second": round(rate, 1),
+            "eta_seconds": round((total - done) / rate, 1) if rate > 0 else None,
+            "chunk_index": cp.chunk_index, "chunk_rows": chunk_rows, "failed": cp.failed,
+            "retries": retries, "last_key": cp.last_key_json, "checkpoint_at": utc_now()}
+
+
+__all__ = ["Start", "execute", "live"]

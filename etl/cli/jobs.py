@@ -25,24 +25,66 @@ def _state_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("job", required=False)
 @_state_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(job: str | None, state: str | None, state_schema: str, as_json: bool) -> None:
-    """Show jobs: the last run's status, host and pid, and the last checkpoint."""
-    jobs = api.status(job, state=state, state_schema=state_schema)
-    if as_json:
-        click.echo(json.dumps(jobs, indent=2, default=str))
-        return
+@click.option("--watch", is_flag=True, help="Show it again every 2 seconds (Ctrl-C ends).")
+@click.option("--stale-after", default="15s", show_default=True, metavar="DURATION",
+              help="A running run whose heartbeat is older than this is shown as stale "
+                   "(its process died; the job's next run closes it).")
+def status(job: str | None, state: str | None, state_schema: str, as_json: bool, watch: bool,
+           stale_after: str) -> None:
+    """Show jobs: status (running, stale, paused, stopped, failed, completed …), the running
+    run's host and pid, rows done of total, rows/s, ETA, chunk, errors, retries, the last
+    checkpoint and the heartbeat's age."""
+    import time
+
+    from ..options import parse_duration
+
+    after = parse_duration(stale_after, "--stale-after")
+    while True:
+        jobs = api.status(job, state=state, state_schema=state_schema, stale_after=after)
+        if as_json:
+            click.echo(json.dumps(jobs, indent=2, default=str))
+        else:
+            _status_table(jobs, job)
+        if not watch:
+            return
+        time.sleep(2)
+        if not as_json:
+            click.echo()
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _status_table(jobs: list[dict[str, Any]], job: str | None) -> None:
     if not jobs:
         click.echo(f"no job {job!r}" if job else "no jobs yet")
         return
-    click.echo(f"{'JOB':<32} {'STATUS':<22} {'ROWS':>12} {'CHUNK':>6}  LAST KEY / WHERE")
+    click.echo(f"{'JOB':<32} {'STATUS':<21} {'ROWS':>23} {'ROWS/S':>9} {'ETA':>8} "
+               f"{'CHUNK':>6} {'ERRORS':>6} {'BEAT':>6}  LAST KEY / WHERE")
     for j in jobs:
         cp = j["checkpoint"] or {}
         run = j["last_run"] or {}
-        where = f"host {run.get('host')} pid {run.get('pid')}" if j["status"] == "running" else ""
-        rows = cp.get("processed_count")
-        click.echo(f"{j['job_id']:<32} {j['status']:<22} "
-                   f"{(f'{rows:,}' if rows is not None else '-'):>12} "
-                   f"{cp.get('chunk_index', '-'):>6}  {cp.get('last_key')} {where}".rstrip())
+        live = run.get("progress") or {}
+        active = j["status"] in ("running", "stale")
+        done = live.get("processed") if active and live else cp.get("processed_count")
+        rows = "-" if done is None else f"{done:,}"
+        if active and live.get("total"):
+            rows += f"/{'' if live.get('exact') else '~'}{live['total']:,}"
+        rate = f"{live['rows_per_second']:,.0f}" if active and live else "-"
+        eta = _eta(live.get("eta_seconds")) if active else "-"
+        errors = live.get("failed") if active and live else cp.get("failed")
+        beat = f"{run['heartbeat_age_seconds']:.0f}s" if active and run.get(
+            "heartbeat_age_seconds") is not None else "-"
+        where = f"host {run.get('host')} pid {run.get('pid')}" if active else ""
+        key = live.get("last_key") if active and live else cp.get("last_key")
+        click.echo(f"{j['job_id']:<32} {j['status']:<21} {rows:>23} {rate:>9} {eta:>8} "
+                   f"{cp.get('chunk_index', '-'):>6} {errors if errors is not None else '-':>6} "
+                   f"{beat:>6}  {key} {where}".rstrip())
 
 
 @click.command()

@@ -123,6 +123,10 @@ def committed_after_all(conn: psycopg.Connection, job_id: str, run_id: str, cp: 
     return found[0]
 
 
+# `etl status` shows a run as stale once its heartbeat (about every second) is this old.
+STALE_AFTER_SECONDS = 15.0
+
+
 class StateStore:
     """Jobs, runs and reports, on an autocommit connection to the state database."""
 
@@ -162,8 +166,10 @@ class StateStore:
         )
         return stale
 
-    def heartbeat(self, run_id: str) -> None:
-        self._exec("UPDATE {s}.runs SET heartbeat_at = now() WHERE run_id = %s", (run_id,))
+    def heartbeat(self, run_id: str, progress: dict[str, Any] | None = None) -> None:
+        self._exec("UPDATE {s}.runs SET heartbeat_at = now(), progress = coalesce(%s::jsonb, "
+                   "progress) WHERE run_id = %s AND status = 'running'",
+                   (json.dumps(progress, default=str) if progress else None, run_id))
 
     def finish_run(self, run_id: str, status: Status, report: dict[str, Any]) -> None:
         self._exec(
@@ -248,10 +254,15 @@ class StateStore:
         cols = ["run_id", "job_id", "status", "host", "pid", "started_at", "completed_at", "summary"]
         return [dict(zip(cols, r, strict=True)) for r in cur]
 
-    def jobs(self, job_id: str | None = None) -> list[dict[str, Any]]:
+    def jobs(self, job_id: str | None = None,
+             stale_after: float = STALE_AFTER_SECONDS) -> list[dict[str, Any]]:
+        """Every job (or one): its status — ``stale`` for a run left ``running`` whose
+        heartbeat is older than ``stale_after`` seconds (its process died; the job's next
+        run closes it) —, its last run with its live progress, and its checkpoint."""
         cur = self._exec(
             """SELECT j.job_id, j.job_type, r.status, r.run_id::text, r.host, r.pid,
                       to_char(r.heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                      extract(epoch FROM now() - r.heartbeat_at)::float8, r.progress,
                       c.chunk_index, c.last_key, c.processed, c.succeeded, c.failed, c.skipped,
                       c.finished,
                       to_char(c.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
@@ -264,11 +275,15 @@ class StateStore:
             {"job": job_id},
         )
         out = []
-        for (jid, jtype, status, run_id, host, pid, heartbeat, chunk_index, last_key, processed,
-             succeeded, failed, skipped, finished, cp_time) in cur:
+        for (jid, jtype, status, run_id, host, pid, heartbeat, age, live, chunk_index, last_key,
+             processed, succeeded, failed, skipped, finished, cp_time) in cur:
+            if status == "running" and age is not None and age > stale_after:
+                status = "stale"
             out.append({
                 "job_id": jid, "job_type": jtype, "status": status or "never run",
-                "last_run": {"run_id": run_id, "host": host, "pid": pid, "heartbeat_at": heartbeat}
+                "last_run": {"run_id": run_id, "host": host, "pid": pid, "heartbeat_at": heartbeat,
+                             "heartbeat_age_seconds": round(age, 1) if age is not None else None,
+                             "progress": live}
                 if run_id else None,
                 "checkpoint": None if chunk_index is None else {
                     "chunk_index": chunk_index, "last_key": last_key, "processed_count": processed,

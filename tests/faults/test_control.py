@@ -93,3 +93,29 @@ def test_control_usage_errors_and_a_job_started_from_python(src: str, dst: str) 
     assert got.argv is None and "started from Python" in got.message
     assert etl.copy(source=src, target=dst, table="t", mode="upsert").ok
     assert scalar(dst, "SELECT count(*) FROM t") == 20
+
+
+def test_status_of_a_running_job_then_of_one_killed_by_kill_9(src: str, dst: str,
+                                                             running_copy) -> None:
+    proc, args = running_copy
+    time.sleep(1.5)  # a heartbeat or two with progress
+    (job,) = json.loads(run_etl("status", "copy:public.ev", "--state", dst, "--json").stdout)
+    live = job["last_run"]["progress"]
+    assert job["status"] == "running" and job["last_run"]["pid"] == proc.pid
+    assert live["total"] == ROWS and 0 < live["processed"] < ROWS
+    assert live["rows_per_second"] > 0 and live["eta_seconds"] > 0
+    assert job["last_run"]["heartbeat_age_seconds"] < 3
+    table = run_etl("status", "--state", dst).stdout
+    assert "copy:public.ev" in table and f"/{ROWS:,}" in table and f"pid {proc.pid}" in table
+    proc.kill()
+    proc.wait(10)
+    time.sleep(2.5)  # no heartbeat since
+    (job,) = json.loads(run_etl("status", "copy:public.ev", "--state", dst, "--json",
+                                "--stale-after", "2s").stdout)
+    assert job["status"] == "stale", job
+    # the next run closes the dead one's run and finishes exactly
+    rerun = run_etl(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert fingerprint(dst, "ev") == fingerprint(src, "ev")
+    runs = json.loads(run_etl("runs", "copy:public.ev", "--state", dst, "--json").stdout)
+    assert [r["status"] for r in runs[:2]] == ["completed", "failed"]
