@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .control import cancel, pause, resume
     from .dlq import list_dead_letters, purge_dead_letters, replay_dead_letters, show_dead_letter
     from .load_command import load
+    from .prune import prune
     from .report import Result
 
 __version__ = "0.1.0"
@@ -58,6 +59,7 @@ __all__ = [
     "list_dead_letters",
     "load",
     "pause",
+    "prune",
     "purge_dead_letters",
     "replay_dead_letters",
     "resume",
@@ -69,6 +71,7 @@ _LAZY = {
     "backfill": ("etl.api", "backfill"),
     "load": ("etl.load_command", "load"),
     "pause": ("etl.control", "pause"),
+    "prune": ("etl.prune", "prune"),
     "resume": ("etl.control", "resume"),
     "cancel": ("etl.control", "cancel"),
     "Result": ("etl.report", "Result"),

@@ -59,7 +59,7 @@ def _register() -> None:
     cli.add_command(db_cmd.db)
     cli.add_command(dlq_cmd.dlq)
     for command in (jobs_cmd.status, jobs_cmd.runs, jobs_cmd.report, jobs_cmd.pause,
-                    jobs_cmd.resume, jobs_cmd.cancel):
+                    jobs_cmd.resume, jobs_cmd.cancel, jobs_cmd.prune):
         cli.add_command(command)
 
 

@@ -155,3 +155,29 @@ def resume(job: str, state: str | None, state_schema: str) -> None:
     click.echo(result.message, err=True)
     if result.argv:
         main(result.argv)
+
+
+@click.command()
+@_state_options
+@click.option("--older-than", required=True, metavar="DURATION",
+              help="Delete what is older than this (30d, 12h, …).")
+@click.option("--dead-letters", is_flag=True,
+              help="Also delete dead letters older than that (kept by default: they are the "
+                   "record of rows that failed; replayed ones are deleted by the replay).")
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+def prune(state: str | None, state_schema: str, older_than: str, dead_letters: bool,
+          dry_run: bool, as_json: bool) -> None:
+    """Delete old runs and their reports (each job's latest run is kept), handled control
+    requests (each job's latest pause/resume is kept) and, with --dead-letters, old dead
+    letters. Jobs and checkpoints are never deleted: every job resumes as before."""
+    from ..prune import prune as run_prune
+
+    result = run_prune(older_than=older_than, state=state, state_schema=state_schema,
+                       dead_letters=dead_letters, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {result.runs:,} run(s), {result.control_requests:,} control "
+               f"request(s), {result.dead_letters:,} dead letter(s) older than {older_than}")
