@@ -70,9 +70,15 @@ class ChunkSizer:
         now = rows / seconds
         self.rate = now if self.rate is None else RATE_SMOOTHING * now + (1 - RATE_SMOOTHING) * self.rate
         wanted = int(self.rate * self.target)
-        if seconds > 2 * self.target:  # a slow chunk: shrink at once, without smoothing
+        slow = seconds > 2 * self.target
+        if slow:  # a slow chunk: shrink at once, without smoothing
             wanted = int(now * self.target)
-        self.size = max(self.lo, min(self.hi, wanted, int(self.size * AUTO_MAX_GROWTH)))
+        size = max(self.lo, min(self.hi, wanted, int(self.size * AUTO_MAX_GROWTH)))
+        if size != self.size:
+            log.info("chunk size %s to %d rows (last chunk: %d rows in %.2fs, %.0f rows/s%s; "
+                     "target %.2fs)", "grows" if size > self.size else "shrinks", size, rows,
+                     seconds, now, ", slow" if slow else "", self.target)
+        self.size = size
 
 
 class StopFlag:
