@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import run_result
 from .errors import EtlError
 from .model import Checkpoint, Status
+from .observe import notify
 from .retry import RetryPolicy, RetryStats
 from .runner import Pacing, Step, StepOutcome, StopFlag, run_loop
 
@@ -69,12 +70,14 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
             result.message = (f"job {run.job_id} is paused (etl pause, {paused}); `etl resume "
                               f"{run.job_id}` goes on")
             run.handled()
-            return run_result.close(result, None, retries, t0, run, progress, state, verb)
+            return _closed(run_result.close(result, None, retries, t0, run, progress, state,
+                                            verb))
         if run.stale_runs_closed:
             log.warning("closed %d run(s) of %s left open by a process that died",
                         run.stale_runs_closed, run.job_id)
         begun = start()
         cp = latest = begun.checkpoint
+        notify("on_start", run.job_id, run.run_id, result.job_type, cp)
         first = cp.processed - begun.rows_before
         if begun.resuming and cp.last_key is not None:
             log.info("resuming %s after key %s (chunk %d, %d rows done)", run.job_id,
@@ -93,6 +96,12 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
             latest = outcome.checkpoint
             run.heartbeat(live(latest, total, begun.exact if begun else True, first, t0,
                                outcome.rows, retries.total))
+            log.info("chunk %d: %d rows in %.2fs", latest.chunk_index, outcome.rows,
+                     outcome.seconds or 0.0,
+                     extra={"job": run.job_id, "run": run.run_id, "chunk": latest.chunk_index,
+                            "rows": outcome.rows, "duration": round(outcome.seconds or 0.0, 4),
+                            "retries": retries.total})
+            notify("on_chunk", run.job_id, outcome)
 
         loop = run_loop(begun.step, cp, pacing, stop=stop, progress=progress,
                         on_chunk=after_chunk, retry=retry, retries=retries,
@@ -129,7 +138,15 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
         if replica is not None:
             result.metadata.update(replica.metadata())
             replica.close()
-    return run_result.close(result, latest, retries, t0, run, progress, state, verb)
+    return _closed(run_result.close(result, latest, retries, t0, run, progress, state, verb))
+
+
+def _closed(result: Result) -> Result:
+    notify("on_finish", result)
+    log.info("%s %s", result.job_id, result.status.value,
+             extra={"job": result.job_id, "run": result.run_id, "status": result.status.value,
+                    "rows": result.rows_this_run})
+    return result
 
 
 def live(cp: Checkpoint, total: int, exact: bool, first: int, t0: float, chunk_rows: int,

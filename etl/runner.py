@@ -128,6 +128,7 @@ class StepOutcome:
     bytes: int
     errors: list[RowError] = field(default_factory=list)  # rows that became dead letters
     total: int | None = None  # a better estimate of the job's total rows, for progress
+    seconds: float | None = None  # how long the chunk took (set by the loop)
 
 
 Step = Callable[[Checkpoint, int], StepOutcome | None]
@@ -207,6 +208,7 @@ def run_loop(step: Step, start: Checkpoint, pacing: Pacing, *,
         if outcome is None:
             return LoopResult(Status.COMPLETED, cp, chunks, rows, nbytes, sizer.size)
         seconds = time.monotonic() - c0
+        outcome.seconds = seconds
         cp = outcome.checkpoint
         chunks += 1
         rows += outcome.rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..archive import archive as run_archive
-from .common import job_options, render, replica_options, timezone_option
+from .common import job_options, observed, render, replica_options, timezone_option
 
 
 @click.command()
@@ -93,5 +93,6 @@ def archive(**kw: object) -> None:
     """
     as_json = bool(kw.pop("as_json"))
     report = kw.pop("report_path")
-    result = run_archive(report=report, **kw)  # type: ignore[arg-type]
+    with observed(kw):
+        result = run_archive(report=report, **kw)  # type: ignore[arg-type]
     render(result, as_json)

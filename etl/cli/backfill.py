@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import api
-from .common import job_options, render, replica_options, timezone_option
+from .common import job_options, observed, render, replica_options, timezone_option
 
 
 @click.command()
@@ -43,5 +43,6 @@ def backfill(**kw: object) -> None:
     as_json = bool(kw.pop("as_json"))
     report = kw.pop("report_path")
     kw["set"] = kw.pop("set_")
-    result = api.backfill(report=report, **kw)  # type: ignore[arg-type]
+    with observed(kw):
+        result = api.backfill(report=report, **kw)  # type: ignore[arg-type]
     render(result, as_json)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -70,6 +71,15 @@ def job_options(func: F | None = None, *, without: tuple[str, ...] = ()) -> Any:
                      help="Print the result JSON on stdout (progress and logs go to stderr)."),
         click.option("--progress/--no-progress", default=None,
                      help="Progress on stderr (default: a live bar on a TTY, milestone lines otherwise)."),
+        click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+                     show_default=True,
+                     help="json: each log line a JSON object (job, run, chunk, rows, duration, "
+                          "retries), chunk lines included."),
+        click.option("--metrics-port", type=click.IntRange(1, 65535), metavar="N",
+                     help="Serve Prometheus metrics on this port (/metrics) while the job runs."),
+        click.option("--metrics-file", metavar="PATH",
+                     help="Write Prometheus metrics to this file when the job ends (for "
+                          "node_exporter's textfile collector), atomically."),
     ]
     for decorator in reversed(decorators):
         probe = decorator(lambda: None)  # click keeps the option it declares on the function
@@ -96,6 +106,36 @@ def timezone_option(func: F) -> F:
                              "timestamps, dates and now()::date in --where/--set are read "
                              "(an IANA name such as Europe/Berlin). UTC by default, "
                              "so a job means the same wherever and whenever it runs.")(func)
+
+
+@contextmanager
+def observed(kw: dict[str, Any]) -> Iterator[None]:
+    """--log-format, --metrics-port and --metrics-file around a command's run (taken out of
+    ``kw``, which then holds the library function's options)."""
+    from ..observe import observing, use_json_logs
+
+    log_format = kw.pop("log_format", "text")
+    port = kw.pop("metrics_port", None)
+    path = kw.pop("metrics_file", None)
+    if log_format == "json":
+        use_json_logs()
+    if port is None and path is None:
+        yield
+        return
+    from ..metrics import JobMetrics
+
+    metrics = JobMetrics()
+    if port is not None:
+        try:
+            metrics.serve(int(port))
+        except OSError as exc:
+            raise click.UsageError(f"--metrics-port {port}: {exc.strerror or exc}") from exc
+    try:
+        with observing(metrics):
+            yield
+    finally:
+        if path is not None:
+            metrics.write(str(path))
 
 
 def render(result: Result, as_json: bool) -> None:

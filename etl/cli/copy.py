@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import api
-from .common import job_options, render
+from .common import job_options, observed, render
 
 
 @click.command()
@@ -73,5 +73,6 @@ def copy(**kw: object) -> None:
     report = kw.pop("report_path")
     kw["table"] = list(kw["table"]) or None  # type: ignore[call-overload]
     kw["exclude"] = list(kw["exclude"]) or None  # type: ignore[call-overload]
-    result = api.copy(report=report, **kw)  # type: ignore[arg-type]
+    with observed(kw):
+        result = api.copy(report=report, **kw)  # type: ignore[arg-type]
     render(result, as_json)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..export import export as run_export
-from .common import job_options, render
+from .common import job_options, observed, render
 
 
 @click.command()
@@ -68,5 +68,6 @@ def export(**kw: object) -> None:
     """
     as_json = bool(kw.pop("as_json"))
     report = kw.pop("report_path")
-    result = run_export(report=report, **kw)  # type: ignore[arg-type]
+    with observed(kw):
+        result = run_export(report=report, **kw)  # type: ignore[arg-type]
     render(result, as_json)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..load_command import load as run_load
-from .common import job_options, render
+from .common import job_options, observed, render
 
 
 @click.command()
@@ -98,5 +98,6 @@ def load(**kw: object) -> None:
     report = kw.pop("report_path")
     files = kw.pop("files")
     assert isinstance(files, tuple)
-    result = run_load(list(files), report=report, **kw)  # type: ignore[arg-type]
+    with observed(kw):
+        result = run_load(list(files), report=report, **kw)  # type: ignore[arg-type]
     render(result, as_json)
