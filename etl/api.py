@@ -47,6 +47,7 @@ def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
          mode: str | Mode = Mode.APPEND, create: bool = True, job: str | None = None,
          state: str | DbUrl | None = None, state_schema: str = DEFAULT_SCHEMA,
          chunk_size: int | str | None = "auto", chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+         min_chunk: int | None = None, max_chunk: int | None = None,
          max_rate: float | None = None, sleep: float | None = None,
          max_runtime: str | float | None = None, retries: int = DEFAULT_RETRIES,
          retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
@@ -73,7 +74,8 @@ def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
     ``"Old=new,…"`` or a dict (target column names); ``since_column`` makes the job incremental (each
     run copies the rows whose column is at or past the last finished run's maximum) (see :mod:`etl.transforms`: rows with a reason in
     ``_reject`` become dead letters of category ``validation``); ``key``/``columns``
-    are ``"a,b"`` or lists, ``chunk_size`` an int or ``"auto"``, ``max_runtime``
+    are ``"a,b"`` or lists, ``chunk_size`` an int or ``"auto"`` (which aims each chunk at
+    ``chunk_seconds``, between ``min_chunk`` and ``max_chunk`` rows), ``max_runtime``
     seconds or a duration such as ``"5m"``. A chunk that fails transiently (lost
     connection, deadlock, lock timeout …) is retried up to ``retries`` times with
     exponential backoff and jitter capped at ``retry_max_wait``, reconnecting when
@@ -98,7 +100,8 @@ def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
         return _copy_many(tables, options)
     table = tables[0] if tables else None
     parsed_mode = opt.parse_mode(mode)
-    pacing = opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime)
+    pacing = opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime,
+                       min_chunk=min_chunk, max_chunk=max_chunk)
     retry = opt.retry_policy(retries, retry_max_wait)
     src = resolve_url(source)
     tgt = resolve_url(target)
@@ -301,9 +304,10 @@ def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa
              where: str | None = None, key: str | list[str] | None = None,
              job: str | None = None, state: str | DbUrl | None = None,
              state_schema: str = DEFAULT_SCHEMA, chunk_size: int | str | None = "auto",
-             chunk_seconds: float = DEFAULT_CHUNK_SECONDS, max_rate: float | None = None,
-             sleep: float | None = None, max_runtime: str | float | None = None,
-             retries: int = DEFAULT_RETRIES,
+             chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+             min_chunk: int | None = None, max_chunk: int | None = None,
+             max_rate: float | None = None, sleep: float | None = None,
+             max_runtime: str | float | None = None, retries: int = DEFAULT_RETRIES,
              retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
              lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
              replica: str | DbUrl | None = None, max_lag: str | float = DEFAULT_MAX_LAG_SECONDS,
@@ -325,7 +329,8 @@ def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa
     from . import backfill_job, pg
     from .jobrun import JobRun
 
-    pacing = opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime)
+    pacing = opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime,
+                       min_chunk=min_chunk, max_chunk=max_chunk)
     retry = opt.retry_policy(retries, retry_max_wait)
     tgt = resolve_url(target)
     if not tgt.is_postgres:

@@ -94,16 +94,26 @@ def non_negative(value: float | None, option: str) -> float:
 
 
 def pacing(chunk_size: int | str | None, chunk_seconds: float | None, max_rate: float | None,
-           sleep: float | None, max_runtime: str | float | None) -> Pacing:
-    """--chunk-size, --chunk-seconds, --max-rate, --sleep and --max-runtime, checked."""
-    from .runner import DEFAULT_CHUNK_SECONDS, Pacing
+           sleep: float | None, max_runtime: str | float | None, *,
+           min_chunk: int | None = None, max_chunk: int | None = None) -> Pacing:
+    """--chunk-size, --chunk-seconds, --min-chunk, --max-chunk, --max-rate, --sleep and
+    --max-runtime, checked."""
+    from .runner import AUTO_MAX_CHUNK, AUTO_MIN_CHUNK, DEFAULT_CHUNK_SECONDS, Pacing
 
+    lo = AUTO_MIN_CHUNK if min_chunk is None else int(min_chunk)
+    hi = max(AUTO_MAX_CHUNK, lo) if max_chunk is None else int(max_chunk)
+    if lo < 1:
+        raise UsageError("--min-chunk must be 1 or more")
+    if hi < lo:
+        raise UsageError(f"--max-chunk {hi:,} is below --min-chunk {lo:,}")
     return Pacing(
         chunk_size=parse_chunk_size(chunk_size),
         chunk_seconds=positive(chunk_seconds, "--chunk-seconds") or DEFAULT_CHUNK_SECONDS,
+        min_chunk=lo, max_chunk=hi,
         max_rate=positive(max_rate, "--max-rate"),
         sleep=non_negative(sleep, "--sleep"),
         max_runtime=parse_duration(max_runtime, "--max-runtime"),
+        max_chunk_given=max_chunk is not None,
     )
 
 

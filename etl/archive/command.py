@@ -29,7 +29,9 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
             no_delete: bool = False, key: str | list[str] | None = None, create: bool = True,
             job: str | None = None, state: str | DbUrl | None = None,
             state_schema: str = DEFAULT_SCHEMA, chunk_size: int | str | None = "auto",
-            chunk_seconds: float = DEFAULT_CHUNK_SECONDS, max_rate: float | None = None,
+            chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+            min_chunk: int | None = None, max_chunk: int | None = None,
+            max_rate: float | None = None,
             sleep: float | None = None, max_runtime: str | float | None = None,
             retries: int = DEFAULT_RETRIES,
             retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
@@ -104,7 +106,8 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
                          "[--format parquet|csv] (files), or --purge (delete them)")
     file_format = check_format(format) if to_dir else "parquet"
     action = Action.PURGE if purge else Action.NO_DELETE if no_delete else Action.MOVE
-    pacing = opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime)
+    pacing = opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime,
+                       min_chunk=min_chunk, max_chunk=max_chunk)
     retry = opt.retry_policy(retries, retry_max_wait)
     src = api.resolve_url(source)
     dest = parse(to) if to else src

@@ -40,6 +40,11 @@ def job_options(func: F | None = None, *, without: tuple[str, ...] = ()) -> Any:
                      help="Rows per chunk; auto adapts toward --chunk-seconds."),
         click.option("--chunk-seconds", type=float, default=2.0, show_default=True,
                      metavar="S", help="Target duration of one chunk when --chunk-size is auto."),
+        click.option("--min-chunk", type=click.IntRange(min=1), metavar="N",
+                     help="Smallest chunk --chunk-size auto may choose (default 1,000)."),
+        click.option("--max-chunk", type=click.IntRange(min=1), metavar="N",
+                     help="Largest chunk --chunk-size auto may choose (default 1,000,000; "
+                          "a Parquet export's 100,000)."),
         click.option("--max-rate", type=float, metavar="ROWS/S",
                      help="Never go faster than this many rows per second."),
         click.option("--sleep", type=float, default=0.0, metavar="SECONDS",

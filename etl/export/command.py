@@ -29,7 +29,9 @@ def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | No
            partition_by: str | list[str] | None = None, json_as: str = "string",
            job: str | None = None, state: str | DbUrl | None = None,
            state_schema: str = DEFAULT_SCHEMA, chunk_size: int | str | None = "auto",
-           chunk_seconds: float = DEFAULT_CHUNK_SECONDS, max_rate: float | None = None,
+           chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+           min_chunk: int | None = None, max_chunk: int | None = None,
+           max_rate: float | None = None,
            sleep: float | None = None, max_runtime: str | float | None = None,
            retries: int = DEFAULT_RETRIES,
            retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
@@ -108,10 +110,11 @@ def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | No
         rows_per_file=rows_per_file, compression=codec,
         partition_by=opt.parse_names(partition_by, "--partition-by") or (),
         json_as=json_as, restart=restart,
-        pacing=opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime),
+        pacing=opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime,
+                       min_chunk=min_chunk, max_chunk=max_chunk),
         retry=opt.retry_policy(retries, retry_max_wait), state_schema=state_schema,
         sql_table=sql_table)
-    if fmt == "parquet" and spec.pacing.chunk_size is None:
+    if fmt == "parquet" and spec.pacing.chunk_size is None and not spec.pacing.max_chunk_given:
         spec = dataclasses.replace(spec, pacing=dataclasses.replace(
             spec.pacing, max_chunk=min(spec.pacing.max_chunk, PARQUET_MAX_CHUNK)))
     if report:

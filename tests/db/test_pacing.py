@@ -6,7 +6,7 @@ import time
 
 import etl
 from etl.progress import NoProgress
-from tests.conftest import execute, fingerprint
+from tests.conftest import execute, fingerprint, run_etl
 
 
 class Chunks(NoProgress):
@@ -106,3 +106,15 @@ def test_auto_chunks_converge_on_the_target_duration_and_shrink_after_a_slow_chu
     assert ends[slow + 1][1] < ends[slow][1] / 2, ends  # shrunk at once after the slow one
     assert any("chunk size shrinks" in r.getMessage() and "slow" in r.getMessage()
                for r in caplog.records)
+
+
+def test_min_and_max_chunk_bound_the_auto_size(src: str, dst: str) -> None:
+    _rows(src, 30_000)
+    seen = Chunks()
+    result = etl.copy(source=src, target=dst, table="ev", min_chunk=500, max_chunk=4000,
+                      progress=seen)
+    assert result.ok and sum(seen.sizes) == 30_000
+    assert seen.sizes[0] == 4000 and max(seen.sizes) == 4000  # the first size is capped too
+    out = run_etl("copy", "--source", src, "--target", dst, "--table", "ev", "--restart",
+                  "--mode", "upsert", "--min-chunk", "5000", "--max-chunk", "100")
+    assert out.returncode == 2 and "--max-chunk 100 is below --min-chunk 5,000" in out.stderr
