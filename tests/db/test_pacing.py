@@ -118,3 +118,11 @@ def test_min_and_max_chunk_bound_the_auto_size(src: str, dst: str) -> None:
     out = run_etl("copy", "--source", src, "--target", dst, "--table", "ev", "--restart",
                   "--mode", "upsert", "--min-chunk", "5000", "--max-chunk", "100")
     assert out.returncode == 2 and "--max-chunk 100 is below --min-chunk 5,000" in out.stderr
+
+
+def test_max_rate_keeps_the_measured_rate_within_10_percent(src: str, dst: str) -> None:
+    _rows(src, 8000)
+    result = etl.copy(source=src, target=dst, table="ev", chunk_size=500, max_rate=4000)
+    rate = result.to_dict()["summary"]["items_per_second"]
+    assert result.succeeded == 8000
+    assert 0.9 * 4000 <= rate <= 1.1 * 4000, rate
