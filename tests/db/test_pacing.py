@@ -59,11 +59,13 @@ def test_no_sleep_after_the_last_short_chunk(src: str, dst: str) -> None:
 
 
 class Timed(NoProgress):
-    """Each chunk's rows and duration (the time between two chunks' ends)."""
+    """Each chunk's rows and duration (the time between two chunks' ends); after chunk
+    ``slow_after`` it makes the next chunk slow, through ``on_slow``."""
 
-    def __init__(self) -> None:
+    def __init__(self, slow_after: int, on_slow) -> None:
         self.chunks: list[tuple[int, float]] = []
         self._last = 0.0
+        self.slow_after, self.on_slow = slow_after, on_slow
 
     def start(self, label: str, done: int, total: int, exact: bool) -> None:
         self._last = time.monotonic()
@@ -71,39 +73,38 @@ class Timed(NoProgress):
     def advance(self, rows: int, nbytes: int) -> None:
         now = time.monotonic()
         self.chunks.append((rows, now - self._last))
-        self._last = now
+        if len(self.chunks) == self.slow_after:
+            self.on_slow(sum(r for r, _ in self.chunks) + 1)  # the next chunk's first row
+        self._last = time.monotonic()
 
 
 def test_auto_chunks_converge_on_the_target_duration_and_shrink_after_a_slow_chunk(
         src: str, dst: str, caplog) -> None:
-    """A steady table (a row trigger on the target sets its pace), then one chunk slowed
-    for real by pg_sleep in that trigger: the size settles within 20% of --chunk-seconds,
-    then shrinks at once, and each change is logged."""
-    _rows(src, 150_000)
+    """A steady table (a row trigger on the target sets its pace, whatever the server's
+    speed), then one chunk slowed for real by pg_sleep in that trigger: the size settles
+    within 20% of --chunk-seconds, then shrinks at once, and each change is logged."""
+    _rows(src, 200_000)
     execute(dst, """CREATE TABLE ev (id int PRIMARY KEY, v text);
+        CREATE TABLE slow_at (id int);
+        INSERT INTO slow_at VALUES (NULL);
         CREATE FUNCTION pace() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            FOR i IN 1..25 LOOP NEW.v := md5(NEW.v); END LOOP;
-            IF NEW.id = 120000 THEN PERFORM pg_sleep(1.5); END IF;
+            FOR i IN 1..40 LOOP NEW.v := md5(NEW.v); END LOOP;
+            IF NEW.id = (SELECT id FROM slow_at) THEN PERFORM pg_sleep(1.5); END IF;
             RETURN NEW;
         END $$;
         CREATE TRIGGER pace BEFORE INSERT ON ev FOR EACH ROW EXECUTE FUNCTION pace()""")
-    seen = Timed()
+    seen = Timed(6, lambda row: execute(dst, f"UPDATE slow_at SET id = {row}"))
     with caplog.at_level("INFO", logger="etl.runner"):
-        result = etl.copy(source=src, target=dst, table="ev", chunk_seconds=0.25, progress=seen)
-    assert result.ok and sum(r for r, _ in seen.chunks) == 150_000
-    ends = []
-    total = 0
-    for rows, seconds in seen.chunks:
-        total += rows
-        ends.append((total, rows, seconds))
-    slow = next(i for i, (end, _, _) in enumerate(ends) if end >= 120_000)
-    assert ends[slow][2] > 1.5  # the slowed chunk
-    steady = [s for _, _, s in ends[3:slow]]  # after a few chunks of learning the rate
-    assert len(steady) >= 3, ends
-    median = sorted(steady)[len(steady) // 2]
-    assert abs(median - 0.25) / 0.25 < 0.2, ends
-    assert ends[slow + 1][1] < ends[slow][1] / 2, ends  # shrunk at once after the slow one
+        result = etl.copy(source=src, target=dst, table="ev", chunk_seconds=0.2, progress=seen)
+    assert result.ok and sum(r for r, _ in seen.chunks) == 200_000
+    rows = [r for r, _ in seen.chunks]
+    took = [t for _, t in seen.chunks]
+    assert len(seen.chunks) >= 8, seen.chunks
+    assert took[6] > 1.5  # the slowed chunk
+    steady = sorted(took[3:6])  # after three chunks of learning the rate
+    assert abs(steady[1] - 0.2) / 0.2 < 0.2, seen.chunks
+    assert rows[7] < rows[6] / 2, seen.chunks  # shrunk at once after the slow one
     assert any("chunk size shrinks" in r.getMessage() and "slow" in r.getMessage()
                for r in caplog.records)
 
