@@ -14,6 +14,7 @@ letter. ``etl.load_job.LoadStep`` runs every format the same way through it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,16 +24,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from . import pg
 from .errors import UsageError
 from .model import Mode
+from .retry import RetryPolicy
+from .runner import Pacing
 from .sinks.pg_copy import PgCopySink, WriteStats
 from .sinks.pg_json import PgJsonSink, json_sql
 from .sinks.pg_merge import PgMergeSink
 from .sources.csv_rows import HEAD_BYTES, CsvChunk, CsvRows, Position, compression_of
+from .thresholds import ErrorLimits
 
 if TYPE_CHECKING:
     import psycopg
 
     from .load_job import LoadPlan
     from .piecewise import Statement
+    from .urls import DbUrl
 
 FORMATS = ("csv", "ndjson", "parquet")
 
@@ -88,6 +93,41 @@ class CsvOptions:
                             escapechar=self.escape if self.escape != self.quote else None,
                             doublequote=self.escape in (None, self.quote))
         return next(reader, [])
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadOptions:
+    """What every `etl load` was asked to do, whatever the target: the files, how they are
+    written, the mode and the job's pacing. ``LoadSpec`` (PostgreSQL) and ``SqlLoadSpec``
+    (MySQL/SQLite) add the target table in their database's terms."""
+
+    target: DbUrl
+    table: Any                      # the target table (a TableName or an SqlName)
+    files: tuple[Path, ...]
+    job_id: str
+    mode: Mode = Mode.APPEND
+    format: str = "csv"             # csv, ndjson or parquet
+    csv: CsvOptions = CsvOptions()
+    columns: tuple[str, ...] | None = None  # the files' columns (else their own, else the table's)
+    rejects: Path | None = None
+    restart: bool = False
+    pacing: Pacing = Pacing()
+    retry: RetryPolicy = RetryPolicy()
+    limits: ErrorLimits = ErrorLimits()
+    lock_timeout: float | None = None
+    state_schema: str = "etl"
+    date_order: str | None = None   # --date-format DMY|MDY|YMD: how 05/01/2024 reads
+
+    def args(self) -> dict[str, Any]:
+        """The job's arguments as the state store keeps them (URLs masked)."""
+        return {"target": self.target.masked, "table": str(self.table),
+                "files": [str(f) for f in self.files], "mode": self.mode.value,
+                "format": self.format, "csv": dataclasses.asdict(self.csv),
+                "columns": list(self.columns or ()),
+                "rejects": str(self.rejects) if self.rejects else None,
+                "pacing": dataclasses.asdict(self.pacing), "retry": dataclasses.asdict(self.retry),
+                "limits": dataclasses.asdict(self.limits), "lock_timeout": self.lock_timeout,
+                "date_format": self.date_order}
 
 
 class Rows(Protocol):
@@ -295,5 +335,5 @@ def file_format(name: str, options: CsvOptions) -> FileFormat:
     raise UsageError(f"--format {name!r}: valid formats are {', '.join(FORMATS)}")
 
 
-__all__ = ["FORMATS", "CsvFormat", "CsvOptions", "FileFormat", "NdjsonFormat",
+__all__ = ["FORMATS", "CsvFormat", "CsvOptions", "FileFormat", "LoadOptions", "NdjsonFormat",
            "ParquetFormat", "file_format"]

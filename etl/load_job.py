@@ -22,24 +22,20 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import catalog, lifecycle, pg
 from .errors import UsageError, sqlstate_of
 from .isolate import isolate
-from .load_formats import CsvOptions, FileFormat, Rows, file_format
+from .load_formats import FileFormat, LoadOptions, Rows, file_format
 from .model import Category, Checkpoint, Column, Mode, Status, TableName
 from .piecewise import PiecewiseWriter
 from .report import Result, RowError, utc_now
-from .retry import RetryPolicy
-from .runner import Pacing, StepOutcome, StopFlag
+from .runner import StepOutcome, StopFlag
 from .sinks.pg_copy import PgCopySink, WriteStats
 from .sources.csv_rows import FileId, Position
 from .sources.pg import Piece, RowStream
 from .state.store import insert_dead_letters, read_checkpoint, write_checkpoint
-from .thresholds import ErrorLimits
-from .urls import DbUrl
 
 if TYPE_CHECKING:
     import psycopg
@@ -56,26 +52,11 @@ BYTES_PER_ROW_SMOOTHING = 0.5
 FILES_KEY = "files"  # the checkpoint's watermark: the identity of each file of the job
 
 
-@dataclass(frozen=True)
-class LoadSpec:
-    """Everything `etl load` was asked to do, checked."""
+@dataclass(frozen=True, kw_only=True)
+class LoadSpec(LoadOptions):
+    """Everything `etl load` into PostgreSQL was asked to do, checked."""
 
-    target: DbUrl
     table: TableName
-    files: tuple[Path, ...]
-    job_id: str
-    mode: Mode = Mode.APPEND
-    format: str = "csv"  # csv, ndjson or parquet
-    csv: CsvOptions = CsvOptions()
-    columns: tuple[str, ...] | None = None  # the files' columns (else their own, else the table's)
-    rejects: Path | None = None
-    restart: bool = False
-    pacing: Pacing = Pacing()
-    retry: RetryPolicy = RetryPolicy()
-    limits: ErrorLimits = ErrorLimits()
-    lock_timeout: float | None = None
-    state_schema: str = "etl"
-    date_order: str | None = None  # --date-format DMY|MDY|YMD: how 05/01/2024 reads
 
     @property
     def session_settings(self) -> dict[str, str]:
@@ -85,16 +66,6 @@ class LoadSpec:
         if self.date_order:
             settings["DateStyle"] = f"ISO, {self.date_order}"
         return settings
-
-    def args(self) -> dict[str, Any]:
-        return {"target": self.target.masked, "table": str(self.table),
-                "files": [str(f) for f in self.files], "mode": self.mode.value,
-                "format": self.format, "csv": dataclasses.asdict(self.csv),
-                "columns": list(self.columns or ()),
-                "rejects": str(self.rejects) if self.rejects else None,
-                "pacing": dataclasses.asdict(self.pacing), "retry": dataclasses.asdict(self.retry),
-                "limits": dataclasses.asdict(self.limits), "lock_timeout": self.lock_timeout,
-                "date_format": self.date_order}
 
 
 @dataclass(frozen=True)

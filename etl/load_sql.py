@@ -19,7 +19,6 @@ row or a dead letter.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import uuid
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from . import lifecycle
 from .dialects import Family, PortableColumn, TableSchema, reflect_table, write_sql
 from .errors import TargetError, UsageError
-from .load_formats import CsvOptions, FileFormat, file_format
+from .load_formats import CsvOptions, FileFormat, LoadOptions, file_format
 from .load_sql_step import PIECE_ROWS, SqlLoadStep, errors_of, position_of, sync_state
 from .load_sql_target import (
     FILES_KEY,
@@ -63,36 +62,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SqlLoadSpec:
+@dataclass(frozen=True, kw_only=True)
+class SqlLoadSpec(LoadOptions):
     """Everything `etl load` into MySQL/SQLite was asked to do, checked."""
 
-    target: DbUrl
     table: SqlName
-    files: tuple[Path, ...]
-    job_id: str
-    mode: Mode = Mode.APPEND
-    format: str = "csv"
-    csv: CsvOptions = CsvOptions()
-    columns: tuple[str, ...] | None = None
-    rejects: Path | None = None
-    restart: bool = False
-    pacing: Pacing = Pacing()
-    retry: RetryPolicy = RetryPolicy()
-    limits: ErrorLimits = ErrorLimits()
-    lock_timeout: float | None = None
-    state_schema: str = "etl"
-    date_order: str | None = None  # --date-format DMY|MDY|YMD: how 05/01/2024 reads
-
-    def args(self) -> dict[str, Any]:
-        return {"target": self.target.masked, "table": str(self.table),
-                "files": [str(f) for f in self.files], "mode": self.mode.value,
-                "format": self.format, "csv": dataclasses.asdict(self.csv),
-                "columns": list(self.columns or ()),
-                "rejects": str(self.rejects) if self.rejects else None,
-                "pacing": dataclasses.asdict(self.pacing), "retry": dataclasses.asdict(self.retry),
-                "limits": dataclasses.asdict(self.limits), "lock_timeout": self.lock_timeout,
-                "date_format": self.date_order}
 
 
 @dataclass(frozen=True)
