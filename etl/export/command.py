@@ -4,8 +4,9 @@ CLI's `etl export` calls exactly this)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import options as opt
 from ..errors import UsageError
@@ -122,37 +123,31 @@ def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | No
     prog = progress_for(progress)
     stop = stop if stop is not None else StopFlag()
     with stop_on_signals(stop):
+        # the source's reader (a psycopg connection, or MySQL/SQLite's SQLAlchemy source),
+        # how it plans and dry-runs, and how it closes
+        reader: Any
+        planner: Callable[[ExportSpec, Any], Any]
+        dry: Callable[[Any, Any], Result]
         if src.is_postgres:
-            conn = export_run.connect_source(src)
-            try:
-                plan = export_plan.make_plan(spec, conn)
-                if dry_run:
-                    result = export_run.dry_run(plan, conn)
-                else:
-                    export_run.check_directory(spec)
-                    with JobRun(state_url, spec.job_id, "export", spec.args(),
-                                schema=state_schema) as run:
-                        result = export_run.execute(plan, run, conn, progress=prog, stop=stop,
-                                                    report_path=str(report) if report else None)
-            finally:
-                if not conn.closed:
-                    conn.close()
+            reader = export_run.connect_source(src)
+            planner, dry, close = export_plan.make_plan, export_run.dry_run, reader.close
         else:
             from . import sql_source
 
-            db = sql_source.SqlSource(src)
-            try:
-                sql_plan = sql_source.make_plan(spec, db)
-                if dry_run:
-                    result = sql_source.dry_run(sql_plan, db)
-                else:
-                    export_run.check_directory(spec)
-                    with JobRun(state_url, spec.job_id, "export", spec.args(),
-                                schema=state_schema) as run:
-                        result = export_run.execute(sql_plan, run, db, progress=prog, stop=stop,
-                                                    report_path=str(report) if report else None)
-            finally:
-                db.dispose()
+            reader = sql_source.SqlSource(src)
+            planner, dry, close = sql_source.make_plan, sql_source.dry_run, reader.dispose
+        try:
+            plan: Any = planner(spec, reader)
+            if dry_run:
+                result = dry(plan, reader)
+            else:
+                export_run.check_directory(spec)
+                with JobRun(state_url, spec.job_id, "export", spec.args(),
+                            schema=state_schema) as run:
+                    result = export_run.execute(plan, run, reader, progress=prog, stop=stop,
+                                                report_path=str(report) if report else None)
+        finally:
+            close()
     if report:
         result.write(report)
     return result
