@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
     from .load_job import LoadPlan
     from .piecewise import Statement
+    from .report import RowError
     from .urls import DbUrl
 
 FORMATS = ("csv", "ndjson", "parquet")
@@ -335,5 +337,68 @@ def file_format(name: str, options: CsvOptions) -> FileFormat:
     raise UsageError(f"--format {name!r}: valid formats are {', '.join(FORMATS)}")
 
 
-__all__ = ["FORMATS", "CsvFormat", "CsvOptions", "FileFormat", "LoadOptions", "NdjsonFormat",
+# -- what every load does with a checkpoint and with refused rows -------------------------
+
+def position_of(cp: Any) -> tuple[int, Position]:
+    """(file index, position in it) after checkpoint ``cp`` (its ``last_key_json`` is
+    ``[file index, offset, line]``)."""
+    if cp.last_key is None or not cp.last_key_json:
+        return 0, Position()
+    index, offset, line = cp.last_key_json
+    return int(index), Position(int(offset), int(line))
+
+
+def errors_of(letters: Sequence[dict[str, Any]]) -> list[RowError]:
+    """The report's errors of a chunk's dead letters."""
+    from .report import RowError
+
+    return [RowError(item_identifier=json.dumps(r["item_key"]), error_type=r["error_type"],
+                     category=r["category"], error_message=r["error_message"],
+                     chunk_index=r["chunk_index"]) for r in letters]
+
+
+def append_rejects(path: Path | None, where: str, letters: Sequence[dict[str, Any]]) -> None:
+    """Append refused rows to --rejects as NDJSON (file, ``where`` — line or row —, raw text,
+    error, SQLSTATE); called once the dead letters are stored: they are the record, this
+    file is the operator's copy."""
+    if path is None or not letters:
+        return
+    with path.open("a", encoding="utf-8") as fh:
+        for r in letters:
+            fh.write(json.dumps({"file": r["row_data"]["file"], where: r["row_data"][where],
+                                 "raw": r["row_data"]["raw"], "error": r["error_message"],
+                                 "sqlstate": r["sqlstate"]}, ensure_ascii=False) + "\n")
+
+
+# Weight of the newest chunk in the bytes-a-row estimate behind the progress of a load.
+BYTES_PER_ROW_SMOOTHING = 0.5
+
+
+class BytesProgress:
+    """A load's progress by the bytes of its files: after each chunk, the bytes it read
+    (for MB/s) and the job's total rows estimated again from the bytes a row — smoothed,
+    quick to follow a file whose rows grow or shrink — and the bytes left, so percentage
+    and ETA follow the bytes read. A Parquet file's rows are counted exactly already."""
+
+    def __init__(self, fmt: FileFormat, files: Sequence[Path]) -> None:
+        self.format = fmt
+        self.files = files
+        self.per_row: float | None = None
+
+    def after_chunk(self, index: int, at: Position, after: Position, rows: int,
+                    processed: int) -> tuple[int, int | None]:
+        """(bytes read, total rows) after a chunk of ``rows`` rows from ``at`` to
+        ``after`` of file ``index``; (0, None) for Parquet."""
+        if self.format.name == "parquet":
+            return 0, None
+        nbytes = max(after.offset - at.offset, 0)
+        if rows:
+            now = nbytes / rows
+            self.per_row = now if self.per_row is None else (
+                BYTES_PER_ROW_SMOOTHING * now + (1 - BYTES_PER_ROW_SMOOTHING) * self.per_row)
+        left, _ = self.format.rows_left(self.files, index, after, self.per_row)
+        return nbytes, processed + left
+
+
+__all__ = ["BYTES_PER_ROW_SMOOTHING", "FORMATS", "BytesProgress", "append_rejects", "errors_of", "position_of", "CsvFormat", "CsvOptions", "FileFormat", "LoadOptions", "NdjsonFormat",
            "ParquetFormat", "file_format"]

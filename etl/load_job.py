@@ -18,7 +18,6 @@ loading it (size, mtime or its first 64 KiB) is refused unless ``--restart``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,10 +26,19 @@ from typing import TYPE_CHECKING, Any
 from . import catalog, lifecycle, pg
 from .errors import UsageError, sqlstate_of
 from .isolate import isolate
-from .load_formats import FileFormat, LoadOptions, Rows, file_format
+from .load_formats import (
+    BytesProgress,
+    FileFormat,
+    LoadOptions,
+    Rows,
+    append_rejects,
+    errors_of,
+    file_format,
+    position_of,
+)
 from .model import Category, Checkpoint, Column, Mode, Status, TableName
 from .piecewise import PiecewiseWriter
-from .report import Result, RowError, utc_now
+from .report import Result, utc_now
 from .runner import StepOutcome, StopFlag
 from .sinks.pg_copy import PgCopySink, WriteStats
 from .sources.csv_rows import FileId, Position
@@ -47,8 +55,6 @@ log = logging.getLogger(__name__)
 
 # Rows a COPY statement of a chunk holds: a refused one wastes at most this much work.
 PIECE_ROWS = 10_000
-# Weight of the newest chunk in the bytes-a-row estimate behind the progress of a load.
-BYTES_PER_ROW_SMOOTHING = 0.5
 FILES_KEY = "files"  # the checkpoint's watermark: the identity of each file of the job
 
 
@@ -109,7 +115,7 @@ class LoadStep:
         self.format = plan.format
         self.run = run
         self._rows: Rows | None = None
-        self._per_row: float | None = None  # bytes a row, as this run's chunks measured
+        self._bytes = BytesProgress(plan.format, plan.spec.files)
         self._bad_bytes: dict[int, bytes] = {}  # a chunk's refused rows, by index in the chunk
         self._use(conn)
 
@@ -149,7 +155,7 @@ class LoadStep:
     def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
         spec = self.plan.spec
         self.ensure_connected()
-        index, at = _position(cp)
+        index, at = position_of(cp)
         while index < len(spec.files):
             rows = self._reader(index, at)
             if rows.has_more():
@@ -181,28 +187,10 @@ class LoadStep:
             self.run.assert_lock_held()
             insert_dead_letters(self.conn, letters, schema=spec.state_schema)
             write_checkpoint(self.conn, new, schema=spec.state_schema)
-        self._reject(letters)
-        errors = [RowError(item_identifier=json.dumps(r["item_key"]), error_type=r["error_type"],
-                           category=r["category"], error_message=r["error_message"],
-                           chunk_index=r["chunk_index"]) for r in letters]
-        nbytes, total = self._progress(index, at, rows.position, n, new)
+        append_rejects(spec.rejects, self.format.where, letters)
+        errors = errors_of(letters)
+        nbytes, total = self._bytes.after_chunk(index, at, rows.position, n, new.processed)
         return StepOutcome(new, n, nbytes, errors, total=total)
-
-    def _progress(self, index: int, at: Position, after: Position, n: int,
-                  cp: Checkpoint) -> tuple[int, int | None]:
-        """The chunk's bytes of the files (for MB/s) and the job's total rows estimated
-        again from the bytes a row (smoothed over this run's chunks) and the bytes left, so
-        the percentage and the ETA follow the bytes read (Parquet: its rows, exact)."""
-        spec = self.plan.spec
-        if self.plan.format.name == "parquet":
-            return 0, None
-        nbytes = max(after.offset - at.offset, 0)
-        if n:  # smoothed, and quick to follow a file whose rows grow or shrink
-            now = nbytes / n
-            self._per_row = now if self._per_row is None else (
-                BYTES_PER_ROW_SMOOTHING * now + (1 - BYTES_PER_ROW_SMOOTHING) * self._per_row)
-        left, _ = self.plan.format.rows_left(spec.files, index, after, self._per_row)
-        return nbytes, cp.processed + left
 
     @staticmethod
     def _count(stats: WriteStats, written: list[int]) -> None:
@@ -257,25 +245,8 @@ class LoadStep:
                 "category": Category.DATA.value, "error_message": message, "attempts": 1})
         return letters
 
-    def _reject(self, letters: list[dict[str, Any]]) -> None:
-        """Append the chunk's refused rows to --rejects (after the commit: the dead letters
-        are the record; this file is the operator's copy)."""
-        path = self.plan.spec.rejects
-        if path is None or not letters:
-            return
-        where = self.format.where
-        with path.open("a", encoding="utf-8") as fh:
-            for r in letters:
-                fh.write(json.dumps({"file": r["row_data"]["file"], where: r["row_data"][where],
-                                     "raw": r["row_data"]["raw"], "error": r["error_message"],
-                                     "sqlstate": r["sqlstate"]}, ensure_ascii=False) + "\n")
 
 
-def _position(cp: Checkpoint) -> tuple[int, Position]:
-    if cp.last_key is None or not cp.last_key_json:
-        return 0, Position()
-    index, offset, line = cp.last_key_json
-    return int(index), Position(int(offset), int(line))
 
 
 def _identities(spec: LoadSpec) -> list[dict[str, Any]]:
@@ -364,5 +335,5 @@ def dry_run(plan: LoadPlan) -> Result:
 
 def _rows_left(plan: LoadPlan, cp: Checkpoint) -> tuple[int, bool]:
     """Rows left after ``cp``, for progress, and whether that is a count (not an estimate)."""
-    index, at = _position(cp)
+    index, at = position_of(cp)
     return plan.format.rows_left(plan.spec.files, index, at)

@@ -29,8 +29,15 @@ from typing import TYPE_CHECKING, Any
 from . import lifecycle
 from .dialects import Family, PortableColumn, TableSchema, reflect_table, write_sql
 from .errors import TargetError, UsageError
-from .load_formats import CsvOptions, FileFormat, LoadOptions, file_format
-from .load_sql_step import PIECE_ROWS, SqlLoadStep, errors_of, position_of, sync_state
+from .load_formats import (
+    CsvOptions,
+    FileFormat,
+    LoadOptions,
+    errors_of,
+    file_format,
+    position_of,
+)
+from .load_sql_step import PIECE_ROWS, SqlLoadStep, sync_state
 from .load_sql_target import (
     FILES_KEY,
     LOAD_ID_KEY,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .isolate import is_data_error, isolate
-from .load_job import BYTES_PER_ROW_SMOOTHING
+from .load_formats import BytesProgress, append_rejects, errors_of, position_of
 from .load_parse import CsvFields, ndjson_object, parquet_values
 from .load_sql_target import (
     LOAD_ID_KEY,
@@ -38,7 +38,7 @@ from .load_sql_target import (
 )
 from .load_values import ConversionError, converter
 from .model import Category, Checkpoint, Mode
-from .report import RowError, utc_now
+from .report import utc_now
 from .runner import StepOutcome
 from .sources.csv_rows import CsvRows, Position
 from .sql_copy_io import SqlaTarget, describe_error, error_name, jsonable, recategorised, row_bytes
@@ -57,12 +57,6 @@ log = logging.getLogger(__name__)
 PIECE_ROWS = 5_000
 
 
-def position_of(cp: Checkpoint) -> tuple[int, Position]:
-    """(file index, position in it) after ``cp``."""
-    if cp.last_key is None or not cp.last_key_json:
-        return 0, Position()
-    index, offset, line = cp.last_key_json
-    return int(index), Position(int(offset), int(line))
 
 
 @dataclass
@@ -103,28 +97,12 @@ def sync_state(conn: Connection, run: JobRun, stored: Stored,
                         "moved there from the target's %s", len(moved), REJECTS_TABLE)
     with conn.begin():
         drop_rejects(conn, spec.job_id)
-    append_rejects(plan, moved)
+    append_rejects(plan.spec.rejects, plan.format.where, moved)
     return moved
 
 
-def append_rejects(plan: SqlLoadPlan, letters: Sequence[dict[str, Any]]) -> None:
-    """Append refused rows to --rejects (after the state store has them: the dead letters are
-    the record; this file is the operator's copy)."""
-    path = plan.spec.rejects
-    if path is None or not letters:
-        return
-    where = plan.format.where
-    with path.open("a", encoding="utf-8") as fh:
-        for r in letters:
-            fh.write(json.dumps({"file": r["row_data"]["file"], where: r["row_data"][where],
-                                 "raw": r["row_data"]["raw"], "error": r["error_message"],
-                                 "sqlstate": r["sqlstate"]}, ensure_ascii=False) + "\n")
 
 
-def errors_of(letters: Sequence[dict[str, Any]]) -> list[RowError]:
-    return [RowError(item_identifier=json.dumps(r["item_key"]), error_type=r["error_type"],
-                     category=r["category"], error_message=r["error_message"],
-                     chunk_index=r["chunk_index"]) for r in letters]
 
 
 class SqlLoadStep:
@@ -138,7 +116,7 @@ class SqlLoadStep:
         self.load_id = load_id
         self.names = tuple(c.name for c in plan.columns)
         self._convert = [converter(c, db.family, plan.spec.date_order) for c in plan.columns]
-        self._per_row: float | None = None  # bytes a row, as this run's chunks measured
+        self._bytes = BytesProgress(plan.format, plan.spec.files)
         self._csv = CsvFields(plan.spec.csv) if plan.format.name == "csv" else None
         self._rows: Any = None
         self._dirty = False
@@ -335,23 +313,16 @@ class SqlLoadStep:
             write_checkpoint(store, new, schema=spec.state_schema)
         if letters:
             self._drop_upto = new.chunk_index
-        append_rejects(self.plan, letters)
+        append_rejects(self.plan.spec.rejects, self.plan.format.where, letters)
         return StepOutcome(new, n, nbytes, errors_of(letters), total=total)
 
     def _progress(self, index: int, at: Position, after: Position, raws: list[Any],
                   processed: int) -> tuple[int, int | None]:
-        """The chunk's bytes (of the files: for MB/s) and the job's total rows estimated
-        again from the bytes a row (smoothed) and the bytes left, as ``etl.load_job`` does
-        (Parquet: the values' size, and the files' row counts are exact already)."""
+        """The chunk's bytes and the job's total rows (``etl.load_formats.BytesProgress``;
+        a Parquet chunk's bytes are its values' size)."""
         if self.plan.format.name == "parquet":
             return row_bytes(raws), None
-        nbytes = max(after.offset - at.offset, 0)
-        if raws:
-            now = nbytes / len(raws)
-            self._per_row = now if self._per_row is None else (
-                BYTES_PER_ROW_SMOOTHING * now + (1 - BYTES_PER_ROW_SMOOTHING) * self._per_row)
-        left, _ = self.plan.format.rows_left(self.plan.spec.files, index, after, self._per_row)
-        return nbytes, processed + left
+        return self._bytes.after_chunk(index, at, after, len(raws), processed)
 
     def _write(self, rows: list[tuple[Any, ...]], cp: Checkpoint, index: int, total: int,
                failed_before: int) -> _Written:
@@ -427,5 +398,5 @@ class SqlLoadStep:
         return out
 
 
-__all__ = ["PIECE_ROWS", "SqlLoadStep", "append_rejects", "errors_of", "position_of",
+__all__ = ["PIECE_ROWS", "SqlLoadStep",
            "sync_state"]
