@@ -400,5 +400,26 @@ class BytesProgress:
         return nbytes, processed + left
 
 
-__all__ = ["BYTES_PER_ROW_SMOOTHING", "FORMATS", "BytesProgress", "append_rejects", "errors_of", "position_of", "CsvFormat", "CsvOptions", "FileFormat", "LoadOptions", "NdjsonFormat",
+def file_identities(files: Sequence[Path]) -> list[dict[str, Any]]:
+    """What identifies each file between runs (size, mtime, sha256 of its head)."""
+    from .sources.csv_rows import FileId
+
+    return [FileId.of(f).as_json() for f in files]
+
+
+def check_unchanged(files: Sequence[Path], stored: list[dict[str, Any]]) -> None:
+    """A resumed load must read the files its checkpoint counted in, unchanged."""
+    now = file_identities(files)
+    if [s["path"] for s in stored] != [n["path"] for n in now]:
+        raise UsageError("the files of this load are not the ones its unfinished run was "
+                         "loading; give the same files, or --restart to load from the start")
+    for s, n in zip(stored, now, strict=True):
+        if s != n:
+            raise UsageError(f"{n['path']} changed since this load began (size, modification "
+                             "time or first 64 KiB); rerun with --restart to load it from the "
+                             "start, or restore the file")
+
+
+__all__ = ["BYTES_PER_ROW_SMOOTHING", "FORMATS", "BytesProgress", "check_unchanged",
+           "file_identities", "append_rejects", "errors_of", "position_of", "CsvFormat", "CsvOptions", "FileFormat", "LoadOptions", "NdjsonFormat",
            "ParquetFormat", "file_format"]

@@ -32,8 +32,10 @@ from .load_formats import (
     LoadOptions,
     Rows,
     append_rejects,
+    check_unchanged,
     errors_of,
     file_format,
+    file_identities,
     position_of,
 )
 from .model import Category, Checkpoint, Column, Mode, Status, TableName
@@ -41,7 +43,7 @@ from .piecewise import PiecewiseWriter
 from .report import Result, utc_now
 from .runner import StepOutcome, StopFlag
 from .sinks.pg_copy import PgCopySink, WriteStats
-from .sources.csv_rows import FileId, Position
+from .sources.csv_rows import Position
 from .sources.pg import Piece, RowStream
 from .state.store import insert_dead_letters, read_checkpoint, write_checkpoint
 
@@ -249,24 +251,10 @@ class LoadStep:
 
 
 
-def _identities(spec: LoadSpec) -> list[dict[str, Any]]:
-    return [FileId.of(f).as_json() for f in spec.files]
-
-
 def _check_unchanged(spec: LoadSpec, cp: Checkpoint) -> None:
-    """A resumed load must read the files the checkpoint counted in."""
     stored = (cp.watermark or {}).get(FILES_KEY)
-    if stored is None:
-        return
-    now = _identities(spec)
-    if [s["path"] for s in stored] != [n["path"] for n in now]:
-        raise UsageError("the files of this load are not the ones its unfinished run was "
-                         "loading; give the same files, or --restart to load from the start")
-    for s, n in zip(stored, now, strict=True):
-        if s != n:
-            raise UsageError(f"{n['path']} changed since this load began (size, modification "
-                             "time or first 64 KiB); rerun with --restart to load it from the "
-                             "start, or restore the file")
+    if stored is not None:
+        check_unchanged(spec.files, stored)
 
 
 def execute(plan: LoadPlan, run: JobRun, conn: psycopg.Connection, *, progress: Progress,
@@ -292,7 +280,7 @@ def execute(plan: LoadPlan, run: JobRun, conn: psycopg.Connection, *, progress: 
             cp = found[0]
         else:
             cp = Checkpoint(job_id=spec.job_id, chunk_index=0, last_key=None, run_id=run.run_id,
-                            watermark={FILES_KEY: _identities(spec)})
+                            watermark={FILES_KEY: file_identities(spec.files)})
             with conn.transaction():
                 if spec.mode is Mode.REPLACE:
                     PgCopySink(conn, spec.table, plan.columns).truncate()

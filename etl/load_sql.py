@@ -24,7 +24,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import lifecycle
 from .dialects import Family, PortableColumn, TableSchema, reflect_table, write_sql
@@ -33,8 +33,10 @@ from .load_formats import (
     CsvOptions,
     FileFormat,
     LoadOptions,
+    check_unchanged,
     errors_of,
     file_format,
+    file_identities,
     position_of,
 )
 from .load_sql_step import PIECE_ROWS, SqlLoadStep, sync_state
@@ -53,7 +55,6 @@ from .model import Checkpoint, Mode, Status
 from .report import Result, utc_now
 from .retry import RetryPolicy
 from .runner import Pacing, StopFlag, stop_on_signals
-from .sources.csv_rows import FileId
 from .sql_copy.plan import SqlName
 from .sql_copy_io import describe_error
 from .state.store import read_checkpoint
@@ -146,23 +147,6 @@ def make_plan(spec: SqlLoadSpec, conn: Connection, fam: Family) -> SqlLoadPlan:
     return SqlLoadPlan(spec, table, tuple(by_name[n] for n in names), conflict, fmt, fam, sql)
 
 
-def _identities(files: tuple[Path, ...]) -> list[dict[str, Any]]:
-    return [FileId.of(f).as_json() for f in files]
-
-
-def _check_unchanged(files: tuple[Path, ...], stored: list[dict[str, Any]]) -> None:
-    """A resumed load must read the files its position counted in."""
-    now = _identities(files)
-    if [s["path"] for s in stored] != [n["path"] for n in now]:
-        raise UsageError("the files of this load are not the ones its unfinished run was "
-                         "loading; give the same files, or --restart to load from the start")
-    for s, n in zip(stored, now, strict=True):
-        if s != n:
-            raise UsageError(f"{n['path']} changed since this load began (size, modification "
-                             "time or first 64 KiB); rerun with --restart to load it from the "
-                             "start, or restore the file")
-
-
 def execute(plan: SqlLoadPlan, run: JobRun, db: TargetDb, state: DbUrl, *,
             progress: Progress, stop: StopFlag | None = None,
             report_path: str | None = None) -> Result:
@@ -194,14 +178,14 @@ def execute(plan: SqlLoadPlan, run: JobRun, db: TargetDb, state: DbUrl, *,
             resume = stored if stored is not None and not stored.finished \
                 and not spec.restart else None
             if resume is not None:
-                _check_unchanged(spec.files, resume.files)
+                check_unchanged(spec.files, resume.files)
                 cp = resume.checkpoint
                 step = SqlLoadStep(plan, db, run, conn, resume.load_id)
             else:  # a fresh load: a new load id, the first row (replace: the table emptied)
                 load_id = str(uuid.uuid4())
                 cp = Checkpoint(job_id=spec.job_id, chunk_index=0, last_key=None,
                                 run_id=run.run_id,
-                                watermark={FILES_KEY: _identities(spec.files),
+                                watermark={FILES_KEY: file_identities(spec.files),
                                            LOAD_ID_KEY: load_id})
                 step = SqlLoadStep(plan, db, run, conn, load_id)
                 step.begin(cp)
