@@ -113,7 +113,6 @@ def pacing(chunk_size: int | str | None, chunk_seconds: float | None, max_rate: 
         max_rate=positive(max_rate, "--max-rate"),
         sleep=non_negative(sleep, "--sleep"),
         max_runtime=parse_duration(max_runtime, "--max-runtime"),
-        max_chunk_given=max_chunk is not None,
     )
 
 

@@ -45,7 +45,6 @@ class Pacing:
     max_rate: float | None = None          # rows per second
     sleep: float = 0.0                     # seconds between chunks
     max_runtime: float | None = None       # seconds
-    max_chunk_given: bool = False          # --max-chunk was given (not only the default)
 
 
 class ChunkSizer:

@@ -3,7 +3,6 @@ CLI's `etl export` calls exactly this)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,12 +111,12 @@ def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | No
         partition_by=opt.parse_names(partition_by, "--partition-by") or (),
         json_as=json_as, restart=restart,
         pacing=opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime,
-                       min_chunk=min_chunk, max_chunk=max_chunk),
+                          min_chunk=min_chunk, max_chunk=max_chunk if max_chunk is not None
+                          # a Parquet chunk is held as Arrow while it is written
+                          else max(PARQUET_MAX_CHUNK, min_chunk or 0) if fmt == "parquet"
+                          else None),
         retry=opt.retry_policy(retries, retry_max_wait), state_schema=state_schema,
         sql_table=sql_table)
-    if fmt == "parquet" and spec.pacing.chunk_size is None and not spec.pacing.max_chunk_given:
-        spec = dataclasses.replace(spec, pacing=dataclasses.replace(
-            spec.pacing, max_chunk=min(spec.pacing.max_chunk, PARQUET_MAX_CHUNK)))
     if report:
         opt.check_report_path(report)
     prog = progress_for(progress)
