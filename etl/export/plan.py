@@ -36,10 +36,6 @@ JSON_AS = ("string", "struct")
 # 50k, 100k, 200k and 500k-row groups ran within noise of each other (3.3–3.7 s for 1M
 # rows) while peak RSS went 206 → 212 → 271 → 320 MB.
 PARQUET_MAX_CHUNK = 100_000
-# Session settings that make PostgreSQL's text output of every type exact and parseable,
-# whatever the server's defaults: ISO dates, hex bytea, shortest-exact floats, UTC.
-TEXT_SETTINGS = {"DateStyle": "ISO, MDY", "IntervalStyle": "postgres", "bytea_output": "hex",
-                 "extra_float_digits": "1", "TimeZone": "UTC"}
 
 
 @dataclass(frozen=True)
@@ -267,6 +263,6 @@ def plan_text(spec: ExportSpec, *, source: str, key: Sequence[Any], columns: Seq
     return "\n".join(lines)
 
 
-__all__ = ["FORMATS", "JSON_AS", "TEXT_SETTINGS", "ExportFormat", "ExportPlan", "ExportSpec",
+__all__ = ["FORMATS", "JSON_AS", "ExportFormat", "ExportPlan", "ExportSpec",
            "check_compression", "check_format", "describe_plan", "list_item_kind", "make_plan",
            "plan_text", "spec_source"]

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from ..jobrun import JobRun
     from ..progress import Progress
+    from ..urls import DbUrl
 
 log = logging.getLogger(__name__)
 
@@ -261,14 +262,14 @@ def _walk(cp: Checkpoint) -> int:
 
 
 def _settings() -> dict[str, str]:
-    from .plan import TEXT_SETTINGS
+    """The archive's files' settings (exact, parseable text of every type); pg.connect
+    sets UTC."""
+    return dict(files.COPY_SETTINGS)
 
-    return dict(TEXT_SETTINGS)
 
-
-def connect_source(plan_source: Any) -> psycopg.Connection:
-    """The source connection: exact, parseable text output of every type."""
-    return pg.connect(plan_source, "source", settings=_settings())
+def connect_source(source: DbUrl) -> psycopg.Connection:
+    """The source connection: exact, parseable text output of every type, in UTC."""
+    return pg.connect(source, "source", settings=_settings())
 
 
 def _check_same_dir(spec: ExportSpec, found: tuple[Checkpoint, bool] | None) -> None:

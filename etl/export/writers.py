@@ -5,7 +5,7 @@ Parquet values keep their exact types (``arrow_schema``): numeric(p,s) as decima
 timestamptz as UTC-aware timestamps, arrays as lists, bytea as binary, json/jsonb as their
 text (or, with ``--json-as struct``, decoded into structs); what Arrow has no exact type
 for (numeric without a scale, uuid, interval, enums …) as PostgreSQL's text form. The
-rows arrive as PostgreSQL's CSV COPY output in exact text forms (``TEXT_SETTINGS``) and
+rows arrive as PostgreSQL's CSV COPY output in exact text forms (``etl.sinks.files.COPY_SETTINGS``) and
 are converted by pyarrow's CSV reader and, for lists, binary and structs, by polars.
 """
 
