@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) bench/copy_pg.py; a=$$?; $(PY) bench/copy_bad_rows.py; b=$$?; $(PY) bench/copy_upsert.py; c=$$?; $(PY) bench/copy_mariadb.py; d=$$?; $(PY) bench/archive_pg.py; e=$$?; $(PY) bench/load_csv.py; f=$$?; $(PY) bench/export_pg.py; g=$$?; exit $$((a | b | c | d | e | f | g))
+	$(PY) bench/copy_pg.py; a=$$?; $(PY) bench/copy_bad_rows.py; b=$$?; $(PY) bench/copy_upsert.py; c=$$?; $(PY) bench/copy_mariadb.py; d=$$?; $(PY) bench/archive_pg.py; e=$$?; $(PY) bench/load_csv.py; f=$$?; $(PY) bench/export_pg.py; g=$$?; $(PY) bench/verify_pg.py; h=$$?; exit $$((a | b | c | d | e | f | g | h))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check etl tests bench fixtures

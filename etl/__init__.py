@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-# Not lazy like the others: these functions share their names with the packages etl.archive
-# and etl.export, and importing a package (the CLI does) would bind the module here instead
-# of the function. Neither package imports anything heavy.
+# Not lazy like the others: these functions share their names with the packages etl.archive,
+# etl.export and etl.verify, and importing a package (the CLI does) would bind the module
+# here instead of the function. None of the packages imports anything heavy.
 from .archive import archive
 from .errors import (
     EtlError,
@@ -27,6 +27,7 @@ from .errors import (
 )
 from .export import export
 from .model import Category, Mode, Status
+from .verify import verify
 
 if TYPE_CHECKING:
     from .api import backfill, copy
@@ -64,6 +65,7 @@ __all__ = [
     "replay_dead_letters",
     "resume",
     "show_dead_letter",
+    "verify",
 ]
 
 _LAZY = {

@@ -54,9 +54,12 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
             finish: Callable[[Start, Checkpoint], None], pacing: Pacing, retry: RetryPolicy,
             progress: Progress, stop: StopFlag, state: DbUrl,
             describe: Callable[[BaseException], str], verb: str | None = None,
-            replica: ReplicaGuard | None = None) -> Result:
+            replica: ReplicaGuard | None = None,
+            verdict: Callable[[Result, Checkpoint], None] | None = None) -> Result:
     """Run a job under ``run`` (its lock held) to the end of its Result (see the module).
-    ``replica`` holds each chunk back while a streaming replica lags (``etl.replica``)."""
+    ``replica`` holds each chunk back while a streaming replica lags (``etl.replica``).
+    ``verdict`` judges a job that went through all its chunks (its status and message),
+    instead of "completed, with errors when rows failed"."""
     t0 = time.monotonic()
     retries = RetryStats()
     begun: Start | None = None
@@ -116,7 +119,9 @@ def execute(run: JobRun, result: Result, *, start: Callable[[], Start],
         if loop.status is Status.COMPLETED:
             finish(begun, loop.checkpoint)
             result.total_items = loop.checkpoint.processed
-            if loop.checkpoint.failed:
+            if verdict is not None:
+                verdict(result, loop.checkpoint)
+            elif loop.checkpoint.failed:
                 result.status = Status.COMPLETED_WITH_ERRORS
                 result.message = (f"{loop.checkpoint.failed:,} row(s) failed and are in the dead "
                                   f"letters: etl dlq list --job {run.job_id}")

@@ -50,12 +50,14 @@ def _register() -> None:
     from . import export as export_cmd
     from . import jobs as jobs_cmd
     from . import load as load_cmd
+    from . import verify as verify_cmd
 
     cli.add_command(copy_cmd.copy)
     cli.add_command(archive_cmd.archive)
     cli.add_command(backfill_cmd.backfill)
     cli.add_command(load_cmd.load)
     cli.add_command(export_cmd.export)
+    cli.add_command(verify_cmd.verify)
     cli.add_command(db_cmd.db)
     cli.add_command(dlq_cmd.dlq)
     for command in (jobs_cmd.status, jobs_cmd.runs, jobs_cmd.report, jobs_cmd.pause,

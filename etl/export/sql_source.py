@@ -26,7 +26,7 @@ from ..dialects import (
     reflect_query,
     reflect_table,
 )
-from ..errors import ConnectionLostError, SourceError, UsageError
+from ..errors import ConnectionLostError, SourceError, TargetError, UsageError
 from ..report import Result
 from ..sources.sqla import SqlaKeysetSource
 from ..sql_copy.connections import _require_sqlite_file, _sqlite_real_transactions, family_of
@@ -54,8 +54,9 @@ EXACT_COUNT_ROWS = 500_000
 class SqlSource:
     """The source database's engine and the connections it opens, failures made EtlErrors."""
 
-    def __init__(self, url: DbUrl) -> None:
+    def __init__(self, url: DbUrl, role: str = "source") -> None:
         self.url = url
+        self.role = role  # how errors name the database
         self.family: Family = family_of(url)
         self._engine: Engine | None = None
 
@@ -79,8 +80,9 @@ class SqlSource:
         try:
             return self.engine().connect()
         except sa.exc.DBAPIError as exc:
-            cls = ConnectionLostError if reconnect else SourceError
-            raise cls(f"cannot connect to the source database {self.url.masked}: "
+            cls = ConnectionLostError if reconnect else (
+                TargetError if self.role == "target" else SourceError)
+            raise cls(f"cannot connect to the {self.role} database {self.url.masked}: "
                       f"{describe_error(exc, self.url)} — check the host, port, user, password "
                       "and database name in the URL") from exc
 
