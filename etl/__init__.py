@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from .load_command import load
     from .prune import prune
     from .report import Result
+    from .work.command import run_chunks
+    from .work.source import Query
 
 __version__ = "0.1.0"
 
@@ -45,6 +47,7 @@ __all__ = [
     "JobLockedError",
     "Mode",
     "NoKeyError",
+    "Query",
     "Result",
     "SourceError",
     "StateStoreError",
@@ -64,6 +67,7 @@ __all__ = [
     "purge_dead_letters",
     "replay_dead_letters",
     "resume",
+    "run_chunks",
     "show_dead_letter",
     "verify",
 ]
@@ -77,6 +81,8 @@ _LAZY = {
     "resume": ("etl.control", "resume"),
     "cancel": ("etl.control", "cancel"),
     "Result": ("etl.report", "Result"),
+    "Query": ("etl.work.source", "Query"),
+    "run_chunks": ("etl.work.command", "run_chunks"),
     "list_dead_letters": ("etl.dlq", "list_dead_letters"),
     "show_dead_letter": ("etl.dlq", "show_dead_letter"),
     "replay_dead_letters": ("etl.dlq", "replay_dead_letters"),

@@ -95,6 +95,11 @@ class StopFlag:
     def __bool__(self) -> bool:
         return self._event.is_set()
 
+    @property
+    def event(self) -> threading.Event:
+        """Set once stopping is asked for (for waits that watch it)."""
+        return self._event
+
 
 @contextmanager
 def stop_on_signals(flag: StopFlag) -> Iterator[None]:
