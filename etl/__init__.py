@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .load_command import load
     from .prune import prune
     from .report import Result
+    from .run_jobs import check_file, run_file
     from .work.command import run_chunks
     from .work.source import Query
 
@@ -58,6 +59,7 @@ __all__ = [
     "archive",
     "backfill",
     "cancel",
+    "check_file",
     "copy",
     "export",
     "list_dead_letters",
@@ -68,6 +70,7 @@ __all__ = [
     "replay_dead_letters",
     "resume",
     "run_chunks",
+    "run_file",
     "show_dead_letter",
     "verify",
 ]
@@ -83,6 +86,8 @@ _LAZY = {
     "Result": ("etl.report", "Result"),
     "Query": ("etl.work.source", "Query"),
     "run_chunks": ("etl.work.command", "run_chunks"),
+    "run_file": ("etl.run_jobs", "run_file"),
+    "check_file": ("etl.run_jobs", "check_file"),
     "list_dead_letters": ("etl.dlq", "list_dead_letters"),
     "show_dead_letter": ("etl.dlq", "show_dead_letter"),
     "replay_dead_letters": ("etl.dlq", "replay_dead_letters"),

@@ -54,9 +54,12 @@ class Result:
     last_checkpoint: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     message: str | None = None  # one line saying why the run did not complete
+    exit_code_override: int | None = None  # `etl run`: the worst of its jobs' exit codes
 
     @property
     def exit_code(self) -> int:
+        if self.exit_code_override is not None:
+            return self.exit_code_override
         return self.status.exit_code
 
     @property

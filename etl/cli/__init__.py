@@ -50,6 +50,7 @@ def _register() -> None:
     from . import export as export_cmd
     from . import jobs as jobs_cmd
     from . import load as load_cmd
+    from . import run as run_cmd
     from . import verify as verify_cmd
 
     cli.add_command(copy_cmd.copy)
@@ -58,6 +59,7 @@ def _register() -> None:
     cli.add_command(load_cmd.load)
     cli.add_command(export_cmd.export)
     cli.add_command(verify_cmd.verify)
+    cli.add_command(run_cmd.run)
     cli.add_command(db_cmd.db)
     cli.add_command(dlq_cmd.dlq)
     for command in (jobs_cmd.status, jobs_cmd.runs, jobs_cmd.report, jobs_cmd.pause,

@@ -144,7 +144,7 @@ def test_public_surface_is_curated_and_import_is_light() -> None:
         "StateStoreError", "Status", "TargetError", "UsageError", "__version__", "archive", "backfill",
         "copy", "export", "load", "pause", "resume", "cancel", "prune", "verify",
         "list_dead_letters", "purge_dead_letters", "replay_dead_letters", "show_dead_letter",
-        "Query", "run_chunks"])
+        "Query", "run_chunks", "run_file", "check_file"])
     for name in etl.__all__:
         assert getattr(etl, name) is not None
     code = ("import sys, etl; heavy = [m for m in ('psycopg', 'sqlalchemy', 'polars', 'pyarrow', "
