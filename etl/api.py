@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from . import table_copy
-    from .progress import Progress
+    from .progress import ProgressOption
 
 
 def resolve_url(url: str | DbUrl | None) -> DbUrl:
@@ -54,7 +54,7 @@ def copy(*, table: str | list[str] | None = None, all_tables: bool = False,
          lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
          max_errors: int | None = None, max_error_rate: float | None = DEFAULT_MAX_ERROR_RATE,
          dry_run: bool = False, restart: bool = False,
-         report: str | Path | None = None, progress: bool | Progress | None = False,
+         report: str | Path | None = None, progress: ProgressOption = False,
          stop: StopFlag | None = None) -> Result:
     """Copy ``table`` from ``source`` to ``target`` in keyset chunks; resumable.
 
@@ -313,7 +313,7 @@ def backfill(*, table: str, set: str, target: str | DbUrl | None = None,  # noqa
              replica: str | DbUrl | None = None, max_lag: str | float = DEFAULT_MAX_LAG_SECONDS,
              timezone: str = "UTC",
              dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
-             progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
+             progress: ProgressOption = False, stop: StopFlag | None = None) -> Result:
     """Update ``table`` in ``target`` (PostgreSQL) chunk by chunk: ``SET set`` on the rows
     ``where`` selects, in keyset chunks of the key (``key``, else the primary key).
 

@@ -20,7 +20,7 @@ from .thresholds import DEFAULT_MAX_ERROR_RATE, ErrorLimits
 from .urls import DbUrl, parse
 
 if TYPE_CHECKING:
-    from .progress import Progress
+    from .progress import ProgressOption
 
 # The format of a file named so (after a compression suffix).
 _SUFFIX_FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".ndjson": "ndjson",
@@ -99,7 +99,7 @@ def load(files: str | Path | list[str | Path], *, table: str,
          lock_timeout: str | float | None = DEFAULT_LOCK_TIMEOUT_SECONDS,
          max_errors: int | None = None, max_error_rate: float | None = DEFAULT_MAX_ERROR_RATE,
          dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
-         progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
+         progress: ProgressOption = False, stop: StopFlag | None = None) -> Result:
     """Load CSV, NDJSON or Parquet ``files`` (paths or globs) into ``table`` of ``target``
     (PostgreSQL, MySQL/MariaDB or SQLite), in resumable chunks. PostgreSQL parses and
     converts every value itself; into MySQL/MariaDB and SQLite, etl does it in Python (see

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from .jobrun import JobRun
-    from .progress import Progress
+    from .progress import Progress, ProgressOption
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def load(files: tuple[Path, ...], fmt: str, target: DbUrl, *, table: str, csv: C
          state: str | DbUrl | None, state_schema: str, pacing: Pacing, retry: RetryPolicy,
          limits: ErrorLimits, lock_timeout: float | None, date_order: str | None = None,
          dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
-         progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
+         progress: ProgressOption = False, stop: StopFlag | None = None) -> Result:
     """`etl load` into MySQL/MariaDB or SQLite (``etl.load`` checks the options and calls
     this for a target that is not PostgreSQL)."""
     from . import api

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Protocol, TextIO
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TextIO, TypeAlias
 
 # SPEC.md: milestone lines at least every 30 s when not on a TTY.
 MILESTONE_EVERY_SECONDS = 30.0
@@ -189,12 +191,59 @@ def make_progress(enabled: bool | None, stream: TextIO | None = None) -> Progres
     return BarProgress(stream) if stream.isatty() else LineProgress(stream)
 
 
-def progress_for(value: bool | Progress | None) -> Progress:
+def progress_for(value: ProgressOption) -> Progress:
     """The library's ``progress=`` option: False (silent), True/None (bar or lines on
-    stderr), or any object with the Progress methods."""
+    stderr), any object with the Progress methods, or a function called with a
+    ``ProgressEvent`` at the start, after each chunk and at the end."""
     if value is None or isinstance(value, bool):
         return make_progress(value)
-    return value
+    if not hasattr(value, "advance") and callable(value):
+        return CallbackProgress(value)
+    return value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What a progress callback is told: ``kind`` is ``start``, ``chunk`` or ``finish``;
+    ``done`` of ``total`` rows (``exact`` False: the total is an estimate), the chunk's
+    ``rows`` and ``bytes``, and at the end the summary line in ``message``."""
+
+    kind: str
+    label: str
+    done: int
+    total: int
+    exact: bool
+    rows: int = 0
+    bytes: int = 0
+    message: str | None = None
+
+
+# The library's ``progress=``: False, True/None, a Progress, or a function of ProgressEvent.
+ProgressOption: TypeAlias = "bool | Progress | Callable[[ProgressEvent], Any] | None"
+
+
+class CallbackProgress:
+    """Progress handed to a function (a GUI, a log, a notebook widget)."""
+
+    def __init__(self, fn: Callable[[ProgressEvent], Any]) -> None:
+        self.fn = fn
+        self.label, self.done, self.total, self.exact = "", 0, 0, True
+
+    def start(self, label: str, done: int, total: int, exact: bool) -> None:
+        self.label, self.done, self.total, self.exact = label, done, total, exact
+        self.fn(ProgressEvent("start", label, done, total, exact))
+
+    def advance(self, rows: int, nbytes: int) -> None:
+        self.done += rows
+        self.fn(ProgressEvent("chunk", self.label, self.done, max(self.total, self.done),
+                              self.exact, rows, nbytes))
+
+    def retotal(self, total: int) -> None:
+        self.total = total
+
+    def finish(self, message: str) -> None:
+        self.fn(ProgressEvent("finish", self.label, self.done, max(self.total, self.done),
+                              self.exact, message=message))
 
 
 class OneOfMany:

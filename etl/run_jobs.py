@@ -15,7 +15,7 @@ from .report import Result, utc_now
 
 if TYPE_CHECKING:
     from .jobfile import JobSpec
-    from .progress import Progress
+    from .progress import ProgressOption
     from .runner import StopFlag
 
 # From best to worst: completed, with dead letters, stopped, locked, failed, usage.
@@ -37,7 +37,7 @@ def check_file(path: str | Path, *, env: Mapping[str, str] | None = None) -> lis
 
 
 def run_file(path: str | Path, *, job: str | None = None, dry_run: bool = False,
-             env: Mapping[str, str] | None = None, progress: bool | Progress | None = False,
+             env: Mapping[str, str] | None = None, progress: ProgressOption = False,
              stop: StopFlag | None = None, report: str | Path | None = None) -> Result:
     """Run the jobs of the TOML file ``path`` in order (each after the jobs it
     ``depends_on``; a job whose dependency did not complete is skipped), or only ``job``.
@@ -96,7 +96,7 @@ def run_file(path: str | Path, *, job: str | None = None, dry_run: bool = False,
     return combined
 
 
-def _run_one(spec: JobSpec, *, dry_run: bool, progress: bool | Progress | None,
+def _run_one(spec: JobSpec, *, dry_run: bool, progress: ProgressOption,
              stop: StopFlag) -> tuple[int, dict[str, Any]]:
     """One job through its library function: (exit code, its report)."""
     from .jobfile import functions

@@ -20,7 +20,7 @@ from ..urls import DbUrl, parse
 from .plan import Action, ArchiveSpec
 
 if TYPE_CHECKING:
-    from ..progress import Progress
+    from ..progress import Progress, ProgressOption
 
 
 def archive(*, table: str, where: str, source: str | DbUrl | None = None,
@@ -40,7 +40,7 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
             max_lag: str | float = DEFAULT_MAX_LAG_SECONDS, timezone: str = "UTC",
             drop_partitions: bool = False,
             dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
-            progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
+            progress: ProgressOption = False, stop: StopFlag | None = None) -> Result:
     """Move the rows of ``table`` matching ``where`` into an archive table, in keyset chunks.
 
     ``to_table`` names the archive table: in the source database (each chunk is ONE source

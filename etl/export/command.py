@@ -18,7 +18,7 @@ from ..urls import DbUrl, parse
 from .plan import JSON_AS, PARQUET_MAX_CHUNK, ExportSpec, check_compression, check_format
 
 if TYPE_CHECKING:
-    from ..progress import Progress
+    from ..progress import ProgressOption
 
 
 def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | None = None,
@@ -36,7 +36,7 @@ def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | No
            retries: int = DEFAULT_RETRIES,
            retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
            dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
-           progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
+           progress: ProgressOption = False, stop: StopFlag | None = None) -> Result:
     """Export ``table`` (or the rows of ``query``, walked by ``key``) of ``source``
     (PostgreSQL, MySQL/MariaDB or SQLite) into files in directory ``to``, in key order, in
     resumable chunks.

@@ -20,7 +20,7 @@ from .plan import DEFAULT_MAX_KEYS, VERIFY_MAX_CHUNK, TableRef, VerifyPlan, Veri
 
 if TYPE_CHECKING:
     from ..jobrun import JobRun
-    from ..progress import Progress
+    from ..progress import Progress, ProgressOption
 
 
 def verify(*, table: str, source: str | DbUrl | None = None,
@@ -36,7 +36,7 @@ def verify(*, table: str, source: str | DbUrl | None = None,
            max_runtime: str | float | None = None, retries: int = DEFAULT_RETRIES,
            retry_max_wait: str | float = DEFAULT_RETRY_MAX_WAIT_SECONDS,
            dry_run: bool = False, restart: bool = False, report: str | Path | None = None,
-           progress: bool | Progress | None = False, stop: StopFlag | None = None) -> Result:
+           progress: ProgressOption = False, stop: StopFlag | None = None) -> Result:
     """Compare ``table`` of ``source`` with ``to_table`` (default: the same name) of
     ``target``, key range by key range; the Result's status is ``completed`` when they hold
     the same rows and ``failed`` (exit 1) when they do not, with each differing key named.

@@ -42,6 +42,8 @@ ENDED = "ended"          # the watermark's mark: the open range after the source
 LISTED = "differences"   # the watermark's named differences
 RANGES = "ranges"        # ... and the ranges they were found in
 VALUE_CHARS = 200        # a differing value is shown up to this many characters
+MAX_NARROWINGS = 16      # a range is narrowed at most this often
+UNCAPPED = 2**62         # "no cap": a digest that counts every row of its range
 
 
 @dataclass
@@ -151,18 +153,24 @@ class VerifyStep:
         """Each table's digest of the range, narrowed until none holds more than ``cap``."""
         plan = self.plan
         reuse = True  # ValuesPart: the source's rows first_bound read are the range's
-        while True:
+        for narrowed in range(MAX_NARROWINGS + 1):
             upto = end.key if end is not None else None
-            def digest(i: int, p: Part, upto: Key | None = upto, first: bool = reuse
-                       ) -> Digest:
-                return _digest(p, after, upto, cap, reuse=first and i == 0)
+            # databases that order a key differently could keep narrowing each other: the
+            # last try takes the range as it is, whole (larger than a chunk, still bounded)
+            last = narrowed == MAX_NARROWINGS
+            limit = UNCAPPED if last else cap
+
+            def digest(i: int, p: Part, upto: Key | None = upto, first: bool = reuse,
+                       limit: int = limit) -> Digest:
+                return _digest(p, after, upto, limit, reuse=first and i == 0)
 
             src, *theirs = self._each(digest)
             over = [p for p, d in zip(plan.parts, [src, *theirs], strict=True) if d.over]
-            if not over:
-                return end, src, theirs
+            if not over or last:
+                break
             end = over[0].bound(after, size)
             reuse = False
+        return end, src, theirs
 
     def _drill(self, after: Key | None, end: RangeEnd | None) -> Found:
         upto = end.key if end is not None else None

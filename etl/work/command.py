@@ -21,7 +21,7 @@ from ..urls import DbUrl, parse
 from .source import Query
 
 if TYPE_CHECKING:
-    from ..progress import Progress
+    from ..progress import Progress, ProgressOption
 
 # A generic job's default chunk: a service called item by item is slow next to a
 # database, so a chunk (and what a kill -9 can make it call twice) stays small.
@@ -42,7 +42,7 @@ def run_chunks(*, source: Query, fn: Callable[[Any], Any], job: str,
                state: str | DbUrl | None = None, state_schema: str = DEFAULT_SCHEMA,
                chunk_seconds: float = DEFAULT_CHUNK_SECONDS, min_chunk: int | None = None,
                max_chunk: int | None = None, restart: bool = False,
-               report: str | Path | None = None, progress: bool | Progress | None = False,
+               report: str | Path | None = None, progress: ProgressOption = False,
                stop: StopFlag | None = None) -> Result:
     """Call ``fn`` for every row of ``source`` (an :class:`etl.Query`), in key order, in
     resumable chunks — the batch work that is not a table copy: call an HTTP API for each
