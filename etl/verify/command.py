@@ -57,7 +57,7 @@ def verify(*, table: str, source: str | DbUrl | None = None,
     column types. A range that differs is drilled into down to its keys: ``missing`` (in
     the source only), ``extra`` (in the target only), ``different`` (the columns that
     differ are named, with both values) and ``duplicate`` (in the target twice). The first
-    ``max_keys`` are named in the report (``errors`` and ``metadata.differences``), all are
+    ``max_keys`` are named in the report (``errors``, ``metadata["differing_keys"]``), all are
     counted (``error_categories``). The job is resumable like any other (its checkpoint and
     named differences are kept in ``state``); pacing, retries, ``report``, ``progress``
     and ``stop`` are as for :func:`etl.copy`. ``dry_run`` prints what would be compared.

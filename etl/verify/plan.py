@@ -180,12 +180,8 @@ def make_plan(spec: VerifySpec) -> VerifyPlan:
             role = "source" if i == 0 else "target"
             with pg.connect(ref.url, role) as conn:
                 infos.append(describe(conn, TableName.parse(ref.table), role=role))
-        src = infos[0]
-        key = list(spec.key) if spec.key else list(src.primary_key)
-        if not key:
-            raise _no_key(spec.source.table)
-        _check_key(key, [c.name for c in src.columns], spec.source.table)
-        columns = _pick_columns(spec, [c.name for c in src.columns], key, spec.source.table)
+        key, columns = _key_and_columns(spec, [c.name for c in infos[0].columns],
+                                        infos[0].primary_key)
         chosen = []
         for ref, info in zip(refs, infos, strict=True):
             _check_target([c.name for c in info.columns], columns, ref.table)
@@ -198,16 +194,19 @@ def make_plan(spec: VerifySpec) -> VerifyPlan:
     return _values_plan(spec)
 
 
-def _no_key(table: str) -> UsageError:
-    return UsageError(f"table {table} has no primary key to compare rows by; pass --key "
-                      "COL[,COL…] naming unique, non-null column(s)")
-
-
-def _check_key(key: list[str], names: list[str], where: str) -> None:
+def _key_and_columns(spec: VerifySpec, names: list[str], primary_key: tuple[str, ...]
+                     ) -> tuple[list[str], list[str]]:
+    """The key (--key, else the source's primary key) and the compared columns."""
+    where = spec.source.table
+    key = list(spec.key) if spec.key else list(primary_key)
+    if not key:
+        raise UsageError(f"table {where} has no primary key to compare rows by; pass --key "
+                         "COL[,COL…] naming unique, non-null column(s)")
     missing = [k for k in key if k not in names]
     if missing:
         raise UsageError(f"--key column(s) {', '.join(missing)} not found in {where}; its "
                          f"columns are: {', '.join(names)}")
+    return key, _pick_columns(spec, names, key, where)
 
 
 def _database_plan(spec: VerifySpec, infos: list[Any], chosen: list[list[Any]],
@@ -257,12 +256,8 @@ def _values_plan(spec: VerifySpec) -> VerifyPlan:
             name = SqlName.parse(ref.table, db.family)
             with db.connect() as conn:
                 schemas.append(reflect_table(conn, name.name, schema=name.schema, role=role))
-        src = schemas[0]
-        key = list(spec.key) if spec.key else list(src.primary_key)
-        if not key:
-            raise _no_key(spec.source.table)
-        _check_key(key, [c.name for c in src.columns], spec.source.table)
-        columns = _pick_columns(spec, [c.name for c in src.columns], key, spec.source.table)
+        key, columns = _key_and_columns(spec, [c.name for c in schemas[0].columns],
+                                        schemas[0].primary_key)
         parts: list[DatabasePart | ValuesPart] = []
         dbs = list(engines.values())
         for i, (ref, schema) in enumerate(zip(refs, schemas, strict=True)):
