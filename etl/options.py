@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from .retry import RetryPolicy
     from .runner import Pacing
 
+# A chunk waits this long for a lock on the target before the attempt fails and is retried
+# (as pt-archiver does): long enough for ordinary row locks, short enough not to queue
+# behind a migration's ACCESS EXCLUSIVE lock and block everyone else.
+DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 

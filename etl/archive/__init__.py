@@ -9,7 +9,16 @@ drives the chunks (the shared :func:`etl.runner.run_loop`) and returns the Resul
 
 from __future__ import annotations
 
+from typing import Any
+
 from .command import archive
-from .plan import Action, ArchivePlan, ArchiveSpec
 
 __all__ = ["Action", "ArchivePlan", "ArchiveSpec", "archive"]
+
+
+def __getattr__(name: str) -> Any:  # the plan's types load with the plan, when first used
+    if name in ("Action", "ArchivePlan", "ArchiveSpec"):
+        from . import plan
+
+        return getattr(plan, name)
+    raise AttributeError(f"module 'etl.archive' has no attribute {name!r}")

@@ -9,18 +9,17 @@ from typing import TYPE_CHECKING
 from .. import options as opt
 from ..errors import UsageError
 from ..model import TableName
+from ..options import DEFAULT_LOCK_TIMEOUT_SECONDS
 from ..replica import DEFAULT_MAX_LAG_SECONDS
 from ..report import Result
 from ..retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS
 from ..runner import DEFAULT_CHUNK_SECONDS, StopFlag, stop_on_signals
-from ..sinks.files import check_format
 from ..state.schema import DEFAULT_SCHEMA
-from ..table_copy import DEFAULT_LOCK_TIMEOUT_SECONDS
 from ..urls import DbUrl, parse
-from .plan import Action, ArchiveSpec
 
 if TYPE_CHECKING:
     from ..progress import Progress, ProgressOption
+    from .plan import ArchiveSpec
 
 
 def archive(*, table: str, where: str, source: str | DbUrl | None = None,
@@ -104,7 +103,11 @@ def archive(*, table: str, where: str, source: str | DbUrl | None = None,
                          "--to URL [--to-table T] (another PostgreSQL or a MySQL/MariaDB "
                          "database), --to-dir DIR "
                          "[--format parquet|csv] (files), or --purge (delete them)")
+    from ..sinks.files import check_format
+    from .plan import Action, ArchiveSpec
+
     file_format = check_format(format) if to_dir else "parquet"
+
     action = Action.PURGE if purge else Action.NO_DELETE if no_delete else Action.MOVE
     pacing = opt.pacing(chunk_size, chunk_seconds, max_rate, sleep, max_runtime,
                        min_chunk=min_chunk, max_chunk=max_chunk)

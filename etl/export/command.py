@@ -15,10 +15,10 @@ from ..retry import DEFAULT_RETRIES, DEFAULT_RETRY_MAX_WAIT_SECONDS
 from ..runner import DEFAULT_CHUNK_SECONDS, StopFlag, stop_on_signals
 from ..state.schema import DEFAULT_SCHEMA
 from ..urls import DbUrl, parse
-from .plan import JSON_AS, PARQUET_MAX_CHUNK, ExportSpec, check_compression, check_format
 
 if TYPE_CHECKING:
     from ..progress import ProgressOption
+    from .plan import ExportSpec
 
 
 def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | None = None,
@@ -69,6 +69,7 @@ def export(*, to: str | Path, source: str | DbUrl | None = None, table: str | No
     from ..progress import progress_for
     from . import plan as export_plan
     from . import run as export_run
+    from .plan import JSON_AS, PARQUET_MAX_CHUNK, ExportSpec, check_compression, check_format
 
     if (table is None) == (query is None):
         raise UsageError("give --table T or --query SQL (with --key) to say what to export")

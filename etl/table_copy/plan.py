@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .. import catalog, naming, pg
 from ..errors import TargetError, UsageError
 from ..model import Checkpoint, Column, Mode, TableName
+from ..options import DEFAULT_LOCK_TIMEOUT_SECONDS
 from ..retry import RetryPolicy
 from ..runner import Pacing
 from ..sources.pg import KeysetQuery
@@ -23,12 +24,6 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
-
-
-# A chunk waits this long for a lock on the target before the attempt fails and is retried
-# (as pt-archiver does): long enough for ordinary row locks, short enough not to queue
-# behind a migration's ACCESS EXCLUSIVE lock and block everyone else.
-DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
 
 # Serialises the creation of target tables, schemas and types by concurrent etl processes.
 _TARGET_DDL_LOCK_ID = 0x6574_6C5F_6464_6C  # "etl_ddl"
