@@ -190,7 +190,14 @@ class StateStore:
     # -- control requests: `etl pause|resume|cancel JOB` from any process ---------------
     def request(self, job_id: str, action: str, *, handled_by: str | None = None) -> int:
         """Record a control request (``pause``, ``resume``, ``cancel``); a request that needs
-        no run to act on it is recorded as handled (``handled_by``: the run, if any)."""
+        no run to act on it is recorded as handled (``handled_by``: the run, if any). A
+        resume settles the pauses no run has acted on yet (made while the job was idle):
+        the next run must not stop for them."""
+        if action == "resume":
+            self._exec(
+                """UPDATE {s}.control_requests SET handled_at = now(), handled_by = %s
+                   WHERE job_id = %s AND handled_at IS NULL AND action = 'pause'""",
+                (handled_by, job_id))
         row = self._exec(
             """INSERT INTO {s}.control_requests (job_id, action, requested_by, handled_at,
                    handled_by)

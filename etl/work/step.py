@@ -58,7 +58,6 @@ class ItemStep:
         self.source, self.caller, self.run = source, caller, run
         self.batch, self.results, self.limits = batch, results, limits
         self.state_schema, self.stop = state_schema, stop
-        self.failure: BaseException | None = None  # set when a call ended the run
 
     def close(self) -> None:
         self.source.close()
@@ -106,7 +105,6 @@ class ItemStep:
             return StepOutcome(cp, 0, 0)
         outcome = self._commit(cp, rows, keys, done, index)
         if ended is not None:
-            self.failure = ended
             raise ended
         return outcome
 

@@ -119,3 +119,17 @@ def test_status_of_a_running_job_then_of_one_killed_by_kill_9(src: str, dst: str
     assert fingerprint(dst, "ev") == fingerprint(src, "ev")
     runs = json.loads(run_etl("runs", "copy:public.ev", "--state", dst, "--json").stdout)
     assert [r["status"] for r in runs[:2]] == ["completed", "failed"]
+
+
+def test_a_pause_made_while_the_job_was_idle_is_lifted_by_resume(src: str, dst: str) -> None:
+    execute(src, "CREATE TABLE idle (id int PRIMARY KEY);"
+                 "INSERT INTO idle SELECT generate_series(1, 3000)")
+    assert etl.copy(source=src, target=dst, table="idle", chunk_size=1000).ok
+    etl.pause("copy:public.idle", state=dst)  # not running: its next run is held
+    assert etl.copy(source=src, target=dst, table="idle", mode="upsert",
+                    restart=True).status is etl.Status.PAUSED
+    etl.pause("copy:public.idle", state=dst)  # asked again while idle, then lifted
+    etl.resume("copy:public.idle", state=dst)
+    again = etl.copy(source=src, target=dst, table="idle", mode="upsert", restart=True,
+                     chunk_size=1000)
+    assert again.status is etl.Status.COMPLETED and again.succeeded == 3000
