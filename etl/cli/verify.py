@@ -41,9 +41,10 @@ SHOWN_KEYS = 20
                    "SQL).")
 @click.option("--method", type=click.Choice(["auto", "database", "values"]), default="auto",
               show_default=True,
-              help="database: PostgreSQL counts each range and sums each row's md5; values: "
-                   "rows are read and compared by canonical values (any databases); auto: "
-                   "database when both sides are PostgreSQL with the same column types.")
+              help="database: each database counts a range and sums each row's md5 "
+                   "(PostgreSQL, or MySQL/MariaDB, on both sides); values: rows are read and "
+                   "compared by canonical values (any databases); auto: database when both "
+                   "sides are of one kind with the same column types.")
 @click.option("--max-keys", type=click.IntRange(min=0), default=100, show_default=True,
               metavar="N", help="Name at most N differing keys (all are counted).")
 @job_options(without=("state", "lock_timeout", "max_errors", "max_error_rate"))

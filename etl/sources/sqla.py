@@ -213,29 +213,50 @@ class SqlaKeysetSource:
                    limit: int) -> list[tuple[Any, ...]]:
         """Up to ``limit`` rows (converted, in key order) with ``after < key <= upto``;
         either end open when None (``etl verify`` reads each side's rows of one range)."""
-        import sqlalchemy as sa
-
         shape = (after is not None, upto is not None)
         stmt = self._ranges.get(shape)
         if stmt is None:
             stmt = self._first if after is None else self._next
             if upto is not None:
-                keys = [self._tbl.c[k] for k in self.key]
-                binds = [sa.bindparam(f"etl_u{i}", type_=sa.types.NullType())
-                         for i in range(len(keys))]
-                if len(keys) == 1:
-                    stmt = stmt.where(keys[0] <= binds[0])
-                elif self.row_values:
-                    stmt = stmt.where(sa.tuple_(*keys) <= sa.tuple_(*binds))
-                else:
-                    stmt = stmt.where(sa.not_(_expanded_after(keys, binds)))
+                stmt = stmt.where(self._upto())
             self._ranges[shape] = stmt
-        params: dict[str, Any] = {"etl_limit": limit}
-        params.update({f"etl_k{i}": v for i, v in enumerate(after or ())})
-        params.update({f"etl_u{i}": v for i, v in enumerate(upto or ())})
+        params = {"etl_limit": limit, **self.range_params(after, upto)}
         options = {"stream_results": True} if self.family == "mysql" else {}
         raw = self.conn.execute(stmt, params, execution_options=options).fetchall()
         return [self._convert(r) for r in raw] if self._converters else [tuple(r) for r in raw]
+
+    def _upto(self) -> Any:
+        """``key <= upto`` (binds ``etl_u0…``)."""
+        import sqlalchemy as sa
+
+        keys = [self._tbl.c[k] for k in self.key]
+        binds = [sa.bindparam(f"etl_u{i}", type_=sa.types.NullType()) for i in range(len(keys))]
+        if len(keys) == 1:
+            return keys[0] <= binds[0]
+        if self.row_values:
+            return sa.tuple_(*keys) <= sa.tuple_(*binds)
+        return sa.not_(_expanded_after(keys, binds))
+
+    def range_where(self, after: bool, upto: bool) -> list[Any]:
+        """The conditions of a range read (--where, ``key > after``, ``key <= upto``), for a
+        statement of the caller's own columns over ``self.source_table``."""
+        return [*self._filters, *([self._after] if after else []),
+                *([self._upto()] if upto else [])]
+
+    @staticmethod
+    def range_params(after: tuple[Any, ...] | None, upto: tuple[Any, ...] | None
+                     ) -> dict[str, Any]:
+        return {**{f"etl_k{i}": v for i, v in enumerate(after or ())},
+                **{f"etl_u{i}": v for i, v in enumerate(upto or ())}}
+
+    @property
+    def source_table(self) -> Any:
+        """What the reads select from (the table, or the query as a subquery)."""
+        return self._tbl
+
+    def convert(self, row: Any) -> tuple[Any, ...]:
+        """A row of this source's columns as the reads hand it over (canonical values)."""
+        return self._convert(row) if self._converters else tuple(row)
 
     def key_of(self, row: Sequence[Any]) -> tuple[Any, ...]:
         """The key values of a row this source read."""

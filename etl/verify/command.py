@@ -49,12 +49,13 @@ def verify(*, table: str, source: str | DbUrl | None = None,
     ``exclude_columns`` choose what is compared (default: all of the source's columns; the
     target may have more); ``where`` (trusted SQL) narrows both sides alike.
 
-    ``method``: ``database`` has PostgreSQL count each range and sum the md5 of every row's
-    text (only two numbers a range travel); ``values`` reads the rows of each side and
+    ``method``: ``database`` has the databases count each range and sum the md5 of every
+    row's text — PostgreSQL, or MySQL/MariaDB, on both sides (only two numbers a range
+    travel); ``values`` reads the rows of each side and
     compares their canonical values in Python (any databases: PostgreSQL, MySQL/MariaDB,
     SQLite — ``1.50`` equals ``1.5``, a timestamptz the UTC DATETIME it was copied into);
-    ``auto`` (default) picks ``database`` when every table is PostgreSQL's with the same
-    column types. A range that differs is drilled into down to its keys: ``missing`` (in
+    ``auto`` (default) picks ``database`` when every table is PostgreSQL's (or every one
+    MySQL/MariaDB's) with the same column types. A range that differs is drilled into down to its keys: ``missing`` (in
     the source only), ``extra`` (in the target only), ``different`` (the columns that
     differ are named, with both values) and ``duplicate`` (in the target twice). The first
     ``max_keys`` are named in the report (``errors``, ``metadata["differing_keys"]``), all are
@@ -222,7 +223,7 @@ def _dry_run(plan: VerifyPlan) -> Result:
              f"key:          {', '.join(plan.key)}",
              f"columns:      {', '.join(plan.columns)}",
              f"method:       {plan.method} — " + (
-                 "each database counts a range and sums the md5 of each row's text"
+                 "each database counts a range and sums the md5 of each row"
                  if plan.method == "database" else
                  "rows are read and their canonical values compared in Python"),
              f"rows:         {'' if plan.exact else '~'}{plan.estimated_rows:,} in the source"]

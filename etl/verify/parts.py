@@ -271,6 +271,114 @@ class ValuesPart:
         return out
 
 
+class MysqlDatabasePart(ValuesPart):
+    """A MySQL/MariaDB table whose counts and md5 sums MySQL computes (pt-table-checksum's
+    way): the first 64 bits of ``MD5(CONCAT_WS(sep, columns…, NULL markers))`` summed as
+    DECIMAL, in a UTC session. Keys, bounds and the differing rows' details as ValuesPart."""
+
+    SEPARATOR = "\x1f"
+
+    def _select(self, exprs: list[Any], after: Key | None, upto: Key | None) -> Any:
+        import sqlalchemy as sa
+
+        reader = self.reader
+        return sa.select(*exprs).select_from(reader.source_table).where(
+            *reader.range_where(after is not None, upto is not None))
+
+    def _md5(self, cols: list[Any]) -> Any:
+        """md5 of the row's bytes: each value's text as bytes (columns of different
+        collations cannot be concatenated as text), a NULL marker for each."""
+        import sqlalchemy as sa
+
+        nulls = sa.func.concat(*(sa.func.isnull(c) for c in cols))
+        return sa.func.md5(sa.func.concat_ws(
+            sa.cast(sa.literal(self.SEPARATOR), sa.LargeBinary),
+            *(sa.cast(c, sa.LargeBinary) for c in cols), sa.cast(nulls, sa.LargeBinary)))
+
+    def _run(self, stmt: Any, after: Key | None, upto: Key | None) -> list[Any]:
+        reader = self.reader
+        try:
+            assert self._conn is not None
+            return list(self._conn.execute(stmt, reader.range_params(after, upto)))
+        finally:
+            self.end_read()
+
+    def end_read(self) -> None:
+        if self._conn is not None and not self._conn.invalidated:
+            self._conn.rollback()
+
+    def first_bound(self, after: Key | None, size: int) -> RangeEnd | None:
+        reader = self.reader
+        t = reader.source_table
+        keys = [t.c[k] for k in self.key]
+        inner = self._select(keys, after, None).order_by(*keys).limit(size).subquery()
+        stmt = sa_select_last(inner, self.key)
+        rows = self._run(stmt, after, None)
+        return self._end_of_key(tuple(rows[0])) if rows else None
+
+    def bound(self, after: Key | None, size: int) -> RangeEnd:
+        found = self.first_bound(after, size)
+        assert found is not None, "a part over its cap has rows to bound"
+        return found
+
+    def _end_of_key(self, key: tuple[Any, ...]) -> RangeEnd:
+        as_json = self._key_json(key)
+        return RangeEnd(key, as_json, tuple("" if v is None else str(v) for v in as_json))
+
+    def digest(self, after: Key | None, upto: Key | None, cap: int, *,
+               reuse: bool = False) -> Digest:
+        import sqlalchemy as sa
+
+        t = self.reader.source_table
+        inner = self._select([t.c[c] for c in self.columns], after, upto).limit(
+            cap + 1).subquery()
+        first64 = sa.cast(sa.func.conv(sa.func.substring(
+            self._md5([inner.c[c] for c in self.columns]), 1, 16), 16, 10), sa.Numeric(20, 0))
+        stmt = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(first64), 0)
+                         ).select_from(inner)
+        (n, total), = self._run(stmt, after, upto)
+        return Digest(int(n), int(total), int(n) > cap)
+
+    def keyed(self, after: Key | None, upto: Key | None) -> list[Keyed]:
+        t = self.reader.source_table
+        keys = [t.c[k] for k in self.key]
+        stmt = self._select([*keys, self._md5([t.c[c] for c in self.columns])], after, upto)
+        canons = [self.canons[i] for i in self._key_at]
+        out = []
+        self._raw_keys: dict[str, tuple[Any, ...]] = {}
+        for r in self._run(stmt, after, upto):
+            key = tuple(r[:-1])
+            ident = canonical.key_text([c(v) for c, v in zip(canons, key, strict=True)])
+            self._raw_keys[ident] = key
+            out.append(Keyed(ident, self._key_json(key), r[-1]))
+        return out
+
+    def details(self, after: Key | None, upto: Key | None,
+                identities: list[str]) -> dict[str, list[str]]:
+        """The named rows only (by their keys, as the last ``keyed`` read them)."""
+        import sqlalchemy as sa
+
+        t = self.reader.source_table
+        wanted = [self._raw_keys[i] for i in identities if i in self._raw_keys]
+        if not wanted:
+            return {}
+        keys = sa.tuple_(*(t.c[k] for k in self.key)) if len(self.key) > 1 else t.c[self.key[0]]
+        values = wanted if len(self.key) > 1 else [k[0] for k in wanted]
+        stmt = self._select([t.c[c] for c in self.columns], after, upto).where(
+            keys.in_(values))
+        convert = self.reader.convert
+        self._rows = [convert(r) for r in self._run(stmt, after, upto)]
+        return super().details(after, upto, identities)
+
+
+def sa_select_last(inner: Any, key: list[str]) -> Any:
+    """The last row (by ``key``) of a subquery that holds one chunk's keys."""
+    import sqlalchemy as sa
+
+    cols = [inner.c[k] for k in key]
+    return sa.select(*cols).order_by(*(c.desc() for c in cols)).limit(1)
+
+
 def same_types(parts: list[list[Column]]) -> bool:
     """Every part's compared columns have the same PostgreSQL types (so their text forms
     can be compared as they are)."""
@@ -278,4 +386,5 @@ def same_types(parts: list[list[Column]]) -> bool:
     return all([c.type_sql for c in cols] == first for cols in parts[1:])
 
 
-__all__ = ["DatabasePart", "Digest", "Key", "Keyed", "RangeEnd", "ValuesPart", "same_types"]
+__all__ = ["DatabasePart", "Digest", "Key", "Keyed", "MysqlDatabasePart", "RangeEnd",
+           "ValuesPart", "same_types"]

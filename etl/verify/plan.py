@@ -5,6 +5,7 @@ the columns and the method — resolved by reading the databases' catalogs, writ
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -164,13 +165,15 @@ def _check_target(names: list[str], wanted: list[str], label: str) -> None:
 
 def make_plan(spec: VerifySpec) -> VerifyPlan:
     """Open every table (a clear error for a missing table, key or column) and choose the
-    method: ``database`` when every table is PostgreSQL's and the compared columns have the
-    same types everywhere, else ``values``."""
+    method: ``database`` when every table is PostgreSQL's — or every one MySQL/MariaDB's —
+    and the compared columns have the same types everywhere, else ``values``."""
     refs = [spec.source, *spec.targets]
     all_pg = all(r.url.is_postgres for r in refs)
-    if spec.method == "database" and not all_pg:
-        raise UsageError("--method database needs PostgreSQL on both sides (it compares "
-                         "md5 sums PostgreSQL computes); use --method values (or auto)")
+    all_mysql = all(r.url.backend in ("mysql", "mariadb") for r in refs)
+    if spec.method == "database" and not (all_pg or all_mysql):
+        raise UsageError("--method database needs PostgreSQL on both sides, or MySQL/MariaDB "
+                         "on both sides (it compares md5 sums the databases compute); use "
+                         "--method values (or auto) across kinds of database")
     if all_pg and spec.method != "values":
         from .. import pg
         from ..catalog import describe
@@ -240,11 +243,23 @@ def _ignored(spec: VerifySpec, infos: list[Any], columns: list[str]) -> dict[str
     return out
 
 
+_COLLATE = re.compile(r"\s+COLLATE\s+\S+", re.I)
+_UTF8 = re.compile(r"\s+CHARACTER SET\s+utf8(mb3|mb4)?\b", re.I)
+_TEXTS = re.compile(r"^(VARCHAR\(\d+\)|(TINY|MEDIUM|LONG)?TEXT)", re.I)
+
+
+def mysql_text_type(native: str) -> str:
+    """A MySQL column type as far as its values' text goes: collations and the UTF-8
+    character sets do not change a value's bytes, nor does VARCHAR(n) against TEXT."""
+    text = _UTF8.sub("", _COLLATE.sub("", native)).strip().upper()
+    return _TEXTS.sub("TEXT", text)
+
+
 def _values_plan(spec: VerifySpec) -> VerifyPlan:
     from ..dialects import reflect_table
     from ..export.sql_source import SqlSource
     from ..sql_copy.plan import SqlName
-    from .parts import ValuesPart
+    from .parts import MysqlDatabasePart, ValuesPart
 
     refs = [spec.source, *spec.targets]
     engines: dict[str, SqlSource] = {}
@@ -260,17 +275,25 @@ def _values_plan(spec: VerifySpec) -> VerifyPlan:
                                         schemas[0].primary_key)
         parts: list[DatabasePart | ValuesPart] = []
         dbs = list(engines.values())
-        for i, (ref, schema) in enumerate(zip(refs, schemas, strict=True)):
+        for ref, schema in zip(refs, schemas, strict=True):
             _check_target([c.name for c in schema.columns], columns, ref.table)
+        # MySQL/MariaDB on every side with the same column types: MySQL computes the sums
+        in_database = spec.method != "values" and all(
+            db.family == "mysql" for db in dbs) and (spec.method == "database" or all(
+                [mysql_text_type(s.column(c).native) for c in columns] ==
+                [mysql_text_type(schemas[0].column(c).native) for c in columns]
+                for s in schemas))
+        kind = MysqlDatabasePart if in_database else ValuesPart
+        for i, (ref, schema) in enumerate(zip(refs, schemas, strict=True)):
             role = "source" if i == 0 else "target"
-            parts.append(ValuesPart(engines[f"{role}:{ref.url.raw}"], schema, columns, key,
-                                    spec.where, ref.label(spec.multi_db)))
+            parts.append(kind(engines[f"{role}:{ref.url.raw}"], schema, columns, key,
+                              spec.where, ref.label(spec.multi_db)))
     except BaseException:
         for db in engines.values():
             db.dispose()
         raise
-    return VerifyPlan(spec, "values", parts[0], parts[1:], key, columns, 0, False,
-                      _ignored(spec, schemas, columns), dbs)
+    return VerifyPlan(spec, "database" if in_database else "values", parts[0], parts[1:],
+                      key, columns, 0, False, _ignored(spec, schemas, columns), dbs)
 
 
 __all__ = ["DEFAULT_MAX_KEYS", "METHODS", "RANGE_SLACK", "VERIFY_MAX_CHUNK", "TableRef",

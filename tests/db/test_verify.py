@@ -278,3 +278,42 @@ def test_chinook_copied_to_mariadb_and_sqlite_verifies_and_differences_are_found
     assert found == {"invoice": {("different", "[100]")}, "track": {("different", "[3435]")},
                      "invoice_line": {("missing", "[2000]")},
                      "customer": {("different", "[7]")}, "genre": {("extra", "[99]")}}
+
+
+def test_mariadb_against_mariadb_is_summed_inside_mariadb(
+        make_mariadb_db: Callable[[str], str], make_db: Callable[[str], str]) -> None:
+    state = make_db("state")
+    a, b = make_mariadb_db("a"), make_mariadb_db("b")
+
+    def run(url: str, *statements: str) -> None:
+        parsed = make_url(url)
+        with pymysql.connect(host=parsed.host, port=parsed.port or 3306,
+                             user=parsed.username, password=parsed.password or "",
+                             database=parsed.database, autocommit=True) as conn, \
+                conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+
+    run(a, "CREATE TABLE orders (id INT PRIMARY KEY, customer VARCHAR(40), "
+           "total DECIMAL(10,2), placed DATETIME(6), note TEXT) CHARACTER SET utf8mb4 "
+           "COLLATE utf8mb4_unicode_ci",
+        "INSERT INTO orders SELECT seq, CONCAT('customer ', seq), seq / 7, "
+        "TIMESTAMP '2024-01-01 00:00:00' + INTERVAL seq MINUTE, "
+        "IF(seq % 5 = 0, NULL, 'ünïcödé') FROM seq_1_to_5000")
+    assert etl.copy(source=a, target=b, table="orders", state=state).ok
+    same = etl.verify(source=a, target=b, table="orders", state=state, chunk_size=1000)
+    assert same.status is etl.Status.COMPLETED and same.metadata["method"] == "database"
+    assert same.succeeded == 5000
+    # a trailing blank (equal for MariaDB's PAD SPACE collation, not the same bytes), a
+    # NULL where a value was, a missing row
+    run(b, "UPDATE orders SET customer = CONCAT(customer, ' ') WHERE id = 10",
+        "UPDATE orders SET note = NULL WHERE id = 11", "DELETE FROM orders WHERE id = 4321")
+    diff = etl.verify(source=a, target=b, table="orders", state=state, chunk_size=1000)
+    assert diff.status is etl.Status.FAILED
+    assert {(e.error_type, e.item_identifier) for e in diff.errors} == {
+        ("different", "[10]"), ("different", "[11]"), ("missing", "[4321]")}
+    notes = {d["key"][0]: d for d in diff.metadata["differing_keys"]}
+    assert notes[11]["columns"] == ["note"] and notes[11]["target"] == {"note": None}
+    by_values = etl.verify(source=a, target=b, table="orders", state=state, method="values")
+    assert {(e.error_type, e.item_identifier) for e in by_values.errors} == {
+        ("different", "[10]"), ("different", "[11]"), ("missing", "[4321]")}
