@@ -55,10 +55,10 @@ def verify(**kw: object) -> None:
     """Compare a table with its copy: counts and checksums per key range, then the keys.
 
     Both sides are cut into the same key ranges (the source's chunks); each database
-    digests its range — with --method database PostgreSQL counts the rows and sums the md5
-    of each row's text, so only two numbers travel; with --method values the rows are read
-    and their canonical values compared (PostgreSQL, MySQL/MariaDB and SQLite in any
-    pairing). A range whose digests differ is drilled into down to the keys that are
+    digests its range — with --method database PostgreSQL (or MySQL/MariaDB, on both
+    sides) counts the rows and sums the md5 of each row, so only two numbers travel; with
+    --method values the rows are read and their canonical values compared (PostgreSQL,
+    MySQL/MariaDB and SQLite in any pairing). A range whose digests differ is drilled into down to the keys that are
     missing from the target, extra in it, different (the columns are named, with both
     values) or there twice. Exit 0 when the tables are equal, 1 when they differ; the
     report lists the keys. The verification is a job like the others: resumable, shown by
