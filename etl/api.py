@@ -236,8 +236,6 @@ def _copy_many(tables: list[str], options: dict[str, Any]) -> Result:
 def _dry_run(plan: table_copy.CopyPlan, sconn: psycopg.Connection) -> Result:
     """Plan, counts and SQL; reads both databases and the state store, writes nothing."""
     from . import pg, table_copy
-    from .model import Status
-    from .report import utc_now
     from .runner import AUTO_FIRST_CHUNK
     from .state.store import read_checkpoint
 
@@ -250,13 +248,9 @@ def _dry_run(plan: table_copy.CopyPlan, sconn: psycopg.Connection) -> Result:
     remaining, exact = table_copy.count_remaining(sconn, plan, cp.last_key if cp else None)
     size = spec.pacing.chunk_size or AUTO_FIRST_CHUNK
     text = table_copy.describe_plan(plan, cp, remaining, exact, size)
-    now = utc_now()
-    result = Result(job_id=spec.job_id, run_id="dry-run", job_type="copy", started_at=now,
-                    completed_at=now, status=Status.COMPLETED, total_items=remaining)
-    result.metadata.update({"dry_run": True, "plan": text, "estimated_rows": remaining,
-                            "estimate_exact": exact, "chunk_size": size,
-                            "source": spec.source.masked, "target": spec.target.masked})
-    return result
+    return Result.dry_run(spec.job_id, "copy", text, remaining, estimated_rows=remaining,
+                          estimate_exact=exact, chunk_size=size, source=spec.source.masked,
+                          target=spec.target.masked)
 
 
 def _store_query(state: str | DbUrl | None, schema: str, fn):
@@ -385,8 +379,6 @@ def replica_guard(replica: str | DbUrl | None, max_lag: str | float | None) -> A
 
 def _dry_run_backfill(plan: Any, conn: psycopg.Connection) -> Result:
     from . import backfill_job
-    from .model import Status
-    from .report import utc_now
     from .runner import AUTO_FIRST_CHUNK
     from .state.store import read_checkpoint
 
@@ -395,11 +387,7 @@ def _dry_run_backfill(plan: Any, conn: psycopg.Connection) -> Result:
     cp = found[0] if found else None
     remaining, exact = backfill_job.count_remaining(conn, plan, cp.last_key if cp else None)
     size = spec.pacing.chunk_size or AUTO_FIRST_CHUNK
-    now = utc_now()
-    result = Result(job_id=spec.job_id, run_id="dry-run", job_type="backfill", started_at=now,
-                    completed_at=now, status=Status.COMPLETED, total_items=remaining)
-    result.metadata.update({
-        "dry_run": True, "plan": backfill_job.describe_plan(plan, cp, remaining, exact, size),
-        "estimated_rows": remaining, "estimate_exact": exact, "chunk_size": size,
-        "target": spec.target.masked})
-    return result
+    return Result.dry_run(
+        spec.job_id, "backfill", backfill_job.describe_plan(plan, cp, remaining, exact, size),
+        remaining, estimated_rows=remaining, estimate_exact=exact, chunk_size=size,
+        target=spec.target.masked)

@@ -17,7 +17,7 @@ import csv
 import dataclasses
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -346,6 +346,20 @@ def position_of(cp: Any) -> tuple[int, Position]:
         return 0, Position()
     index, offset, line = cp.last_key_json
     return int(index), Position(int(offset), int(line))
+
+
+def next_file(cp: Any, count: int, open_at: Callable[[int, Position], Any]
+              ) -> tuple[int, Position, Any] | None:
+    """The first of the ``count`` files, from checkpoint ``cp`` on, that has rows left:
+    (its index, where its rows start, its rows as ``open_at(index, position)`` opened
+    them); None when every file is done."""
+    index, at = position_of(cp)
+    while index < count:
+        rows = open_at(index, at)
+        if rows.has_more():
+            return index, at, rows
+        index, at = index + 1, Position()  # the file is done: the next one
+    return None
 
 
 def errors_of(letters: Sequence[dict[str, Any]]) -> list[RowError]:

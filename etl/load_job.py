@@ -36,9 +36,10 @@ from .load_formats import (
     errors_of,
     file_format,
     file_identities,
+    next_file,
     position_of,
 )
-from .model import Category, Checkpoint, Column, Mode, Status, TableName
+from .model import Category, Checkpoint, Column, Mode, TableName
 from .piecewise import PiecewiseWriter
 from .report import Result, utc_now
 from .runner import StepOutcome, StopFlag
@@ -157,14 +158,10 @@ class LoadStep:
     def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
         spec = self.plan.spec
         self.ensure_connected()
-        index, at = position_of(cp)
-        while index < len(spec.files):
-            rows = self._reader(index, at)
-            if rows.has_more():
-                break
-            index, at = index + 1, Position()  # the file is done: the next one
-        else:
+        found = next_file(cp, len(spec.files), self._reader)
+        if found is None:
             return None
+        index, at, rows = found
         chunk = rows.chunk(size)
         bad: list[tuple[int, BaseException]] = []  # (row index in the chunk, error)
         written = [0]
@@ -313,12 +310,8 @@ def dry_run(plan: LoadPlan) -> Result:
               f"per chunk:    {plan.format.statement(plan)}  (in statements of "
               f"{PIECE_ROWS:,} rows, one transaction with the checkpoint)",
               "dry run: nothing was written"]
-    now = utc_now()
-    result = Result(job_id=spec.job_id, run_id="dry-run", job_type="load", started_at=now,
-                    completed_at=now, status=Status.COMPLETED, total_items=rows)
-    result.metadata.update({"dry_run": True, "plan": "\n".join(lines), "estimated_rows": rows,
-                            "columns": [c.name for c in plan.columns]})
-    return result
+    return Result.dry_run(spec.job_id, "load", "\n".join(lines), rows, estimated_rows=rows,
+                          columns=[c.name for c in plan.columns])
 
 
 def _rows_left(plan: LoadPlan, cp: Checkpoint) -> tuple[int, bool]:

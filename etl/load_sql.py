@@ -51,7 +51,7 @@ from .load_sql_target import (
     has_tables,
     read_position,
 )
-from .model import Checkpoint, Mode, Status
+from .model import Checkpoint, Mode
 from .report import Result, utc_now
 from .retry import RetryPolicy
 from .runner import Pacing, StopFlag, stop_on_signals
@@ -251,12 +251,8 @@ def plan_result(plan: SqlLoadPlan, conn: Connection) -> Result:
               f"rows), with the job's row of {POSITIONS_TABLE} and its dead letters in "
               f"{REJECTS_TABLE}, in one transaction",
               "dry run: nothing was written"]
-    now = utc_now()
-    result = Result(job_id=spec.job_id, run_id="dry-run", job_type="load", started_at=now,
-                    completed_at=now, status=Status.COMPLETED, total_items=rows)
-    result.metadata.update({"dry_run": True, "plan": "\n".join(lines), "estimated_rows": rows,
-                            "columns": [c.name for c in plan.columns]})
-    return result
+    return Result.dry_run(spec.job_id, "load", "\n".join(lines), rows, estimated_rows=rows,
+                          columns=[c.name for c in plan.columns])
 
 
 def load(files: tuple[Path, ...], fmt: str, target: DbUrl, *, table: str, csv: CsvOptions,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .isolate import is_data_error, isolate
-from .load_formats import BytesProgress, append_rejects, errors_of, position_of
+from .load_formats import BytesProgress, append_rejects, errors_of, next_file
 from .load_parse import CsvFields, ndjson_object, parquet_values
 from .load_sql_target import (
     LOAD_ID_KEY,
@@ -41,7 +41,7 @@ from .model import Category, Checkpoint, Mode
 from .report import utc_now
 from .runner import StepOutcome
 from .sources.csv_rows import CsvRows, Position
-from .sql_copy_io import SqlaTarget, describe_error, error_name, jsonable, recategorised, row_bytes
+from .sql_copy_io import SqlaTarget, describe_error, error_name, jsonable, recategorising, row_bytes
 from .state.store import insert_dead_letters, read_checkpoint, write_checkpoint
 
 if TYPE_CHECKING:
@@ -191,14 +191,11 @@ class SqlLoadStep:
     def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
         if self._dirty:
             self._reconnect()
-        try:
+        with recategorising(on_error=self._mark_dirty):
             return self._chunk(cp, size)
-        except BaseException as exc:
-            self._dirty = True
-            fixed = recategorised(exc)
-            if fixed is not exc:
-                raise fixed from exc
-            raise
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True  # the next attempt reconnects first
 
     def _reader(self, index: int, at: Position) -> Any:
         """The rows of file ``index`` from ``at`` (kept open from chunk to chunk)."""
@@ -259,14 +256,10 @@ class SqlLoadStep:
 
     def _chunk(self, cp: Checkpoint, size: int) -> StepOutcome | None:
         spec = self.plan.spec
-        index, at = position_of(cp)
-        while index < len(spec.files):
-            rows = self._reader(index, at)
-            if rows.has_more():
-                break
-            index, at = index + 1, Position()  # the file is done: the next one
-        else:
+        found = next_file(cp, len(spec.files), self._reader)
+        if found is None:
             return None
+        index, at, rows = found
         lines = array("q")
         raws: list[Any] = []
         good: list[tuple[Any, ...]] = []
@@ -332,14 +325,8 @@ class SqlLoadStep:
         out = _Written()
 
         def write_slice(piece: list[tuple[Any, ...]], a: int | None, b: int) -> int:
-            try:
-                with self.target.savepoint():
-                    stats = self.target.write(piece[a or 0:b])
-            except Exception as exc:
-                fixed = recategorised(exc)
-                if fixed is not exc:
-                    raise fixed from exc
-                raise
+            with recategorising(), self.target.savepoint():
+                stats = self.target.write(piece[a or 0:b])
             skipped = stats.ignored + stats.superseded
             out.kept += stats.rows - skipped
             out.not_kept += skipped

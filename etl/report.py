@@ -71,6 +71,17 @@ class Result:
         if len(self.errors) < MAX_ERRORS_IN_REPORT:
             self.errors.append(error)
 
+    @classmethod
+    def dry_run(cls, job_id: str, job_type: str, plan: str, rows: int,
+                **metadata: Any) -> Result:
+        """The Result of a ``--dry-run``: the plan's text and the rows it would handle
+        (``metadata`` adds what the command tells of its plan); nothing ran."""
+        now = utc_now()
+        result = cls(job_id=job_id, run_id="dry-run", job_type=job_type, started_at=now,
+                     completed_at=now, status=Status.COMPLETED, total_items=rows)
+        result.metadata.update({"dry_run": True, "plan": plan, **metadata})
+        return result
+
     def to_dict(self) -> dict[str, Any]:
         rate = self.rows_this_run / self.duration_seconds if self.duration_seconds > 0 else 0.0
         doc: dict[str, Any] = {

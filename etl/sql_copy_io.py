@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -182,6 +182,21 @@ def recategorised(exc: BaseException) -> BaseException:
         assert by_number is not None
         return DriverError(exc, by_number)
     return exc
+
+
+@contextmanager
+def recategorising(on_error: Callable[[], None] | None = None) -> Iterator[None]:
+    """Raise what fails inside as ``recategorised`` says (a DriverError where MySQL's error
+    number knows better than its SQLSTATE), after ``on_error()`` (e.g. "reconnect first")."""
+    try:
+        yield
+    except BaseException as exc:
+        if on_error is not None:
+            on_error()
+        fixed = recategorised(exc)
+        if fixed is not exc:
+            raise fixed from exc
+        raise
 
 
 def error_name(exc: BaseException) -> tuple[str, str | None]:
@@ -391,4 +406,4 @@ Target = PgTarget | SqlaTarget
 
 
 __all__ = ["DriverError", "PgTarget", "SqlaTarget", "Target", "describe_error", "error_name", "jsonable",
-           "key_from_json", "key_to_json", "recategorised", "row_bytes"]
+           "key_from_json", "key_to_json", "recategorised", "recategorising", "row_bytes"]

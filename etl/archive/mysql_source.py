@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .. import lifecycle
 from ..dialects import TableSchema, qualified, quote, reflect_table
 from ..errors import TargetError, UsageError
-from ..model import Checkpoint, Status
+from ..model import Checkpoint
 from ..report import Result, utc_now
 from ..runner import AUTO_FIRST_CHUNK, StepOutcome, StopFlag
 from ..sources.sqla import SqlaKeysetSource
@@ -388,13 +388,9 @@ def dry_run(plan: MysqlArchivePlan, dbs: connections.Databases) -> Result:
         "chunk SQL (per chunk, one transaction):", *statements,
         "EXPLAIN of the first chunk's SELECT:", *(f"  {line}" for line in explain),
         "dry run: nothing was written"]).replace("%%", "%")
-    now = utc_now()
-    result = Result(job_id=spec.job_id, run_id="dry-run", job_type="archive", started_at=now,
-                    completed_at=now, status=Status.COMPLETED, total_items=remaining)
-    result.metadata.update(_metadata(plan))
-    result.metadata.update({"dry_run": True, "plan": text, "estimated_rows": remaining,
-                            "chunk_size": size, "estimated_chunks": chunks})
-    return result
+    return Result.dry_run(spec.job_id, "archive", text, remaining, **{
+        **_metadata(plan), "estimated_rows": remaining, "chunk_size": size,
+        "estimated_chunks": chunks})
 
 
 def copy_spec(spec: ArchiveSpec) -> sql_plan.SqlCopySpec:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import lifecycle, pg, table_copy
 from ..errors import EtlError
-from ..model import Checkpoint, Status
+from ..model import Checkpoint
 from ..report import Result, utc_now
 from ..runner import AUTO_FIRST_CHUNK, StopFlag
 from ..sinks import files
@@ -179,15 +179,10 @@ def dry_run(plan: ArchivePlan, sconn: psycopg.Connection) -> Result:
     first, explain = _explain_first(plan, reader, after, resume_after, size)
     parts = partitions.describe(sconn, plan) if spec.drop_partitions else None
     text = describe_plan(plan, resume_after, remaining, exact, size, first, explain, parts)
-    now = utc_now()
-    result = Result(job_id=spec.job_id, run_id="dry-run", job_type="archive", started_at=now,
-                    completed_at=now, status=Status.COMPLETED, total_items=remaining)
-    result.metadata.update(_metadata(plan))
-    result.metadata.update({"dry_run": True, "plan": text, "estimated_rows": remaining,
-                            "estimate_exact": exact, "chunk_size": size,
-                            "estimated_chunks": -(-remaining // size) if remaining else 0,
-                            "first_chunk": first, "explain": explain})
-    return result
+    return Result.dry_run(spec.job_id, "archive", text, remaining, **{
+        **_metadata(plan), "estimated_rows": remaining, "estimate_exact": exact,
+        "chunk_size": size, "estimated_chunks": -(-remaining // size) if remaining else 0,
+        "first_chunk": first, "explain": explain})
 
 
 def _explain_first(plan: ArchivePlan, reader: PgKeysetSource, after: tuple[str, ...] | None,

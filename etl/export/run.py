@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import catalog, lifecycle, pg
 from ..errors import TargetError, UsageError
-from ..model import Checkpoint, Status
+from ..model import Checkpoint
 from ..report import Result, utc_now
 from ..runner import StepOutcome, StopFlag
 from ..sinks import files
@@ -438,12 +438,8 @@ def dry_run_result(spec: ExportSpec, text: str, remaining: int, after: Any,
                    columns: list[str]) -> Result:
     if after is not None:
         text = text.replace("\nrows:", f"\nresumes:      after key {list(after)}\nrows:", 1)
-    now = utc_now()
-    result = Result(job_id=spec.job_id, run_id="dry-run", job_type="export", started_at=now,
-                    completed_at=now, status=Status.COMPLETED, total_items=remaining)
-    result.metadata.update({"dry_run": True, "plan": text, "estimated_rows": remaining,
-                            "columns": columns})
-    return result
+    return Result.dry_run(spec.job_id, "export", text, remaining, estimated_rows=remaining,
+                          columns=columns)
 
 
 def dry_run(plan: ExportPlan, conn: psycopg.Connection) -> Result:

@@ -30,7 +30,7 @@ from ..errors import ConnectionLostError, SourceError, TargetError, UsageError
 from ..report import Result
 from ..sources.sqla import SqlaKeysetSource
 from ..sql_copy.connections import _require_sqlite_file, _sqlite_real_transactions, family_of
-from ..sql_copy_io import describe_error, key_from_json, key_to_json, recategorised
+from ..sql_copy_io import describe_error, key_from_json, key_to_json, recategorising
 from ..urls import DbUrl
 from .plan import ExportSpec
 from .run import ExportStep, dry_run_result, stored_checkpoint
@@ -141,11 +141,7 @@ def make_plan(spec: ExportSpec, db: SqlSource) -> SqlExportPlan:
             read = [*spec.columns, *(p for p in spec.partition_by if p not in spec.columns)]
         reader = SqlaKeysetSource(conn, source, key=spec.key, columns=read, where=spec.where,
                                   query=spec.query)
-        try:
-            reader.count(cap=0)  # runs --where once on no rows: a typo is a usage error, now
-        except sa.exc.DBAPIError as exc:
-            raise UsageError(f"--where {spec.where!r} is not valid on {spec.source_name}: "
-                             f"{describe_error(exc, spec.source)}") from exc
+        reader.check_where(spec.source_name, spec.source)
         nulls = reader.count_null_keys()
         unique = [] if spec.query else _unique_keys(conn, spec.sql_table)  # type: ignore[arg-type]
         estimated = _estimate(conn, spec, db.family)
@@ -224,14 +220,11 @@ class SqlExportStep(ExportStep):
         return {**super().metadata(), "zero_dates": self._zero_dates + self.source.zero_dates}
 
     def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
-        try:
+        with recategorising(on_error=self._mark_failed):
             return super().__call__(cp, size)
-        except BaseException as exc:
-            self._failed = True
-            fixed = recategorised(exc)
-            if fixed is not exc:
-                raise fixed from exc
-            raise
+
+    def _mark_failed(self) -> None:
+        self._failed = True  # the next attempt drops what this one left
 
     def _after(self, cp: Checkpoint) -> tuple[Any, ...] | None:
         if cp.last_key is None:

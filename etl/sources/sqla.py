@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.sql import Select
 
+    from ..urls import DbUrl
+
 log = logging.getLogger(__name__)
 
 Converter = Callable[[Any], Any]
@@ -78,6 +80,7 @@ class SqlaKeysetSource:
         self.conn = conn
         self.table = table
         self.query = query
+        self.where = where
         self.family: Family = family(conn.dialect)
         self.key = _resolve_key(table, key)
         self.columns = _resolve_columns(table, columns, self.key)
@@ -146,6 +149,19 @@ class SqlaKeysetSource:
         stmt = sa.select(sa.func.count()).select_from(inner.subquery())
         params = {f"etl_k{i}": v for i, v in enumerate(after or ())}
         return int(self.conn.execute(stmt, params).scalar_one())
+
+    def check_where(self, name: str, url: DbUrl) -> None:
+        """Run the read once on no rows: a --where (or query) that does not run there is a
+        usage error now, not a failed run."""
+        import sqlalchemy as sa
+
+        from ..sql_copy_io import describe_error
+
+        try:
+            self.count(cap=0)
+        except sa.exc.DBAPIError as exc:
+            what = f"--where {self.where!r} is not valid" if self.where else "cannot be read"
+            raise UsageError(f"{what} on {name}: {describe_error(exc, url)}") from exc
 
     def count_null_keys(self) -> int:
         """Rows (--where applied) with a NULL in a nullable key column: keyset chunks can

@@ -157,11 +157,7 @@ def make_plan(spec: SqlCopySpec, sconn: Connection, tconn: Connection) -> SqlCop
     source = _describe_source(spec, sconn)
     reader = SqlaKeysetSource(sconn, source, key=spec.key, columns=spec.columns, where=spec.where,
                               query=spec.query)
-    try:
-        reader.count(cap=0)  # runs --where once on no rows: a typo is a usage error, now
-    except sa.exc.DBAPIError as exc:
-        raise UsageError(f"--where {spec.where!r} is not valid on {spec.source_name}: "
-                         f"{describe_error(exc, spec.source)}") from exc
+    reader.check_where(spec.source_name, spec.source)
     nulls = reader.count_null_keys()
     # a query's --key is checked as it is read (etl.sources.sqla); a table's by its indexes
     unique = [] if spec.query else _unique_keys(sconn, spec.table)

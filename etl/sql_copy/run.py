@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import incremental, lifecycle, pg
 from ..autonumber import advance_auto_increment
-from ..model import Checkpoint, Mode, Status
+from ..model import Checkpoint, Mode
 from ..report import Result, utc_now
 from ..runner import StopFlag
 from ..sql_copy_io import describe_error, key_from_json
@@ -158,14 +158,9 @@ def dry_run(plan: SqlCopyPlan, sconn: Connection) -> Result:
               "chunk write SQL (per chunk" + (", COPY" if plan.target_family == "postgresql"
                                               else ", executemany") + "):",
               f"  {plan.write_sql};", "dry run: nothing was written"]
-    now = utc_now()
-    result = Result(job_id=spec.job_id, run_id="dry-run", job_type="copy", started_at=now,
-                    completed_at=now, status=Status.COMPLETED, total_items=remaining)
-    result.metadata.update({"dry_run": True, "plan": "\n".join(lines),
-                            "estimated_rows": remaining, "estimate_exact": exact,
-                            "chunk_size": size, "source": spec.source.masked,
-                            "target": spec.target.masked})
-    return result
+    return Result.dry_run(spec.job_id, "copy", "\n".join(lines), remaining,
+                          estimated_rows=remaining, estimate_exact=exact, chunk_size=size,
+                          source=spec.source.masked, target=spec.target.masked)
 
 
 __all__ = ["dry_run", "execute", "walk_bounds"]

@@ -27,7 +27,7 @@ from ..sql_copy_io import (
     jsonable,
     key_from_json,
     key_to_json,
-    recategorised,
+    recategorising,
     row_bytes,
 )
 from ..state.store import committed_after_all, insert_dead_letters, write_checkpoint
@@ -186,14 +186,11 @@ class SqlCopyStep:
     def __call__(self, cp: Checkpoint, size: int) -> StepOutcome | None:
         if self._dirty:
             self._reconnect()
-        try:
+        with recategorising(on_error=self._mark_dirty):
             return self._chunk(cp, size)
-        except BaseException as exc:
-            self._dirty = True
-            fixed = recategorised(exc)
-            if fixed is not exc:
-                raise fixed from exc
-            raise
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True  # the next attempt reconnects first
 
     def _chunk(self, cp: Checkpoint, size: int) -> StepOutcome | None:
         spec = self.plan.spec
@@ -270,14 +267,8 @@ class SqlCopyStep:
         out = _Written()
 
         def write_slice(a: int | None, b: int) -> int:
-            try:
-                with target.savepoint():
-                    stats = target.write(rows[a or 0:b])
-            except Exception as exc:
-                fixed = recategorised(exc)
-                if fixed is not exc:
-                    raise fixed from exc
-                raise
+            with recategorising(), target.savepoint():
+                stats = target.write(rows[a or 0:b])
             out.rows += stats.rows
             for name, n in stats.outcomes().items():
                 out.outcomes[name] = out.outcomes.get(name, 0) + n

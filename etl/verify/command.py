@@ -231,11 +231,8 @@ def _dry_run(plan: VerifyPlan) -> Result:
         lines.append(f"where:        {spec.where}")
     for label, cols in plan.ignored.items():
         lines.append(f"not compared: {label}: {', '.join(cols)}")
-    now = utc_now()
-    result = Result(job_id=spec.job_id, run_id="dry-run", job_type="verify", started_at=now,
-                    completed_at=now, status=Status.COMPLETED, total_items=plan.estimated_rows)
-    result.metadata.update({"dry_run": True, "plan": "\n".join(lines), **_describe(plan)})
-    return result
+    return Result.dry_run(spec.job_id, "verify", "\n".join(lines), plan.estimated_rows,
+                          **_describe(plan))
 
 
 __all__ = ["execute", "verify"]

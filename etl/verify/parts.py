@@ -127,7 +127,9 @@ class DatabasePart:
     def resume_key(self, cp: Checkpoint) -> Key | None:
         return tuple(cp.last_key) if cp.last_key is not None else None
 
-    def digest(self, after: Key | None, upto: Key | None, cap: int) -> Digest:
+    def digest(self, after: Key | None, upto: Key | None, cap: int, *,
+               reuse: bool = False) -> Digest:
+        """The range's count and md5 sum (``reuse`` is ValuesPart's: nothing is kept here)."""
         (n, total), = self._run(self._digest_sql(after, upto), after, upto, cap=cap + 1)
         return Digest(int(n), int(total), int(n) > cap)
 

@@ -162,7 +162,7 @@ class VerifyStep:
 
             def digest(i: int, p: Part, upto: Key | None = upto, first: bool = reuse,
                        limit: int = limit) -> Digest:
-                return _digest(p, after, upto, limit, reuse=first and i == 0)
+                return p.digest(after, upto, limit, reuse=first and i == 0)
 
             src, *theirs = self._each(digest)
             over = [p for p, d in zip(plan.parts, [src, *theirs], strict=True) if d.over]
@@ -249,15 +249,6 @@ class VerifyStep:
                             "target": {c: _short(b[plan.columns.index(c)]) for c in cols}
                             if b is not None else {}})
         return out
-
-
-def _digest(part: Part, after: Key | None, upto: Key | None, cap: int, *,
-            reuse: bool = False) -> Digest:
-    from .parts import ValuesPart
-
-    if isinstance(part, ValuesPart):
-        return part.digest(after, upto, cap, reuse=reuse)
-    return part.digest(after, upto, cap)
 
 
 def _short(text: str) -> str | None:

@@ -109,15 +109,8 @@ class ItemSource:
     def check(self) -> None:
         """Run the read once on no rows: a --where or key that does not work is a usage
         error now, not a failed run."""
-        import sqlalchemy as sa
-
-        from ..sql_copy_io import describe_error
-
         try:
-            self.reader.count(cap=0)
-        except sa.exc.DBAPIError as exc:
-            raise UsageError(f"the rows of {self.query.describe()} cannot be read: "
-                             f"{describe_error(exc, self.url)}") from exc
+            self.reader.check_where(self.query.describe(), self.url)
         finally:
             self.end_read()
 
